@@ -1,0 +1,58 @@
+"""framebroker: many processes share one camera through a shared-memory ring.
+
+A daemon (``framebroker serve``) owns the camera and writes every frame into
+``/dev/shm/framebroker.<stream>``; any number of ``Reader`` processes get the newest frame as a
+read-only, zero-copy numpy view. Any program can be a producer with ``Publisher``.
+
+    import framebroker as fb
+
+    with fb.Reader("cam0", name="detector") as cam:
+        frame = cam.latest(timeout=1.0)
+        frame.array, frame.seq, frame.timestamp_ns
+
+The ring protocol is documented in ``framebroker/_ring.py``; the error tree in
+``framebroker/_errors.py`` (``FrameBrokerError``).
+"""
+
+from ._errors import (
+    AccessDenied,
+    CapacityError,
+    ClosedError,
+    EncoderError,
+    FrameBrokerError,
+    FrameReleased,
+    FrameTimeout,
+    IncompatibleSegment,
+    ShmSpaceError,
+    SourceEnded,
+    SourceError,
+    StreamBusy,
+    StreamNotFound,
+    TriggerError,
+)
+from ._publisher import Publisher, SlotWriter
+from ._reader import Frame, Reader
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "CapacityError",
+    "ClosedError",
+    "EncoderError",
+    "Frame",
+    "FrameBrokerError",
+    "FrameReleased",
+    "FrameTimeout",
+    "IncompatibleSegment",
+    "Publisher",
+    "Reader",
+    "ShmSpaceError",
+    "SlotWriter",
+    "SourceEnded",
+    "SourceError",
+    "StreamBusy",
+    "StreamNotFound",
+    "TriggerError",
+    "__version__",
+]

@@ -1,0 +1,267 @@
+"""The byte layout of a ring segment: names, offsets, field formats, constants.
+
+A stream ``NAME`` lives in one POSIX shared-memory object, ``/dev/shm/framebroker.NAME``,
+plus one wake-up semaphore per reader-table entry, ``/dev/shm/sem.framebroker.NAME@EPOCH.wI``.
+Everything is little-endian (x86_64 and aarch64 both are) and laid out as::
+
+    offset 0            header            static geometry, then the daemon's live fields
+    meta_offset         slot metadata     one 64-byte record per slot (seq, timestamps, shape)
+    map_offset          seq -> slot map   map_size uint32 entries, indexed by seq % map_size
+    table_offset        reader table      one 512-byte entry per reader (pid, name, mode, stats)
+    data_offset         slot data         slot_count frames, slot_stride bytes apart
+
+``data_offset`` is a multiple of 64 KiB so a reader can map the frame area on its own,
+read-only, on any page size (aarch64 kernels use 4, 16 or 64 KiB pages).
+
+The protocol that uses these bytes (who writes what, and in which order) is described
+in ``framebroker/_ring.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "framebroker."
+# "@" cannot appear in a stream name, so "framebroker.cam@..." can never be mistaken
+# for the objects of a stream that is itself called "cam.something".
+OBJECT_SEPARATOR = "@"
+
+MAGIC = b"FRMBRKR\x00"
+LAYOUT_VERSION = 1
+
+HEADER_SIZE = 4096
+META_RECORD_SIZE = 64
+ENTRY_SIZE = 512
+DATA_ALIGNMENT = 64 * 1024  # the largest page size aarch64 Linux uses
+SLOT_ALIGNMENT = 4096
+
+MAX_SLOTS = 256
+MIN_SLOTS = 3  # newest frame + one being written + at least one for a reader
+MAX_FRAME_BYTES = 1 << 31  # 2 GiB: far above 8K RGB, far below anything sane
+
+STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+# Byte offsets used as OFD lock targets on the segment file (advisory, never read or written).
+LOCK_OWNER = 0  # the daemon holds it exclusively for its whole life
+LOCK_ATTACH = 1  # serialises readers while they reserve table entries and slot budget
+LOCK_SLOT_BASE = 1024  # + slot index: readers share, the producer takes it exclusively to write
+LOCK_ENTRY_BASE = 2048  # + entry index: a reader holds it exclusively while attached
+
+
+class PixelFormat:
+    """Pixel formats stored in the ring (uint8 samples)."""
+
+    BGR = 1
+    RGB = 2
+    GRAY = 3
+
+    NAMES = {BGR: "bgr", RGB: "rgb", GRAY: "gray"}
+    CHANNELS = {BGR: 3, RGB: 3, GRAY: 1}
+
+    @classmethod
+    def parse(cls, name: str) -> int:
+        for code, text in cls.NAMES.items():
+            if text == name:
+                return code
+        raise ValueError(f"unknown pixel format {name!r}: use one of bgr, rgb, gray")
+
+
+class StreamState:
+    """The daemon's view of its source, as shown by ``framebroker status``."""
+
+    STARTING = 1
+    STREAMING = 2
+    RECONNECTING = 3
+    STOPPED = 4
+    ENDED = 5  # a finite source reached its end; the daemon is exiting
+    REPLACED = 6  # this segment was superseded by a larger one under the same name
+
+    NAMES = {
+        STARTING: "starting",
+        STREAMING: "streaming",
+        RECONNECTING: "reconnecting",
+        STOPPED: "stopped",
+        ENDED: "ended",
+        REPLACED: "replaced",
+    }
+
+    @classmethod
+    def parse(cls, name: str) -> int:
+        for code, text in cls.NAMES.items():
+            if text == name:
+                return code
+        raise ValueError(f"unknown stream state {name!r}: use one of {', '.join(cls.NAMES.values())}")
+
+
+class ReaderMode:
+    """How a reader last asked for frames (shown by status; ORDERED also protects history)."""
+
+    IDLE = 0
+    LIVE = 1  # latest()
+    NEXT = 2  # next() / iteration
+    ORDERED = 3  # ordered()
+
+    NAMES = {IDLE: "idle", LIVE: "live", NEXT: "next", ORDERED: "ordered"}
+
+
+def validate_stream_name(name: object) -> str:
+    """Return ``name`` if it is a valid stream name, else raise TypeError/ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"stream name must be a str, not {type(name).__name__}")
+    if not STREAM_NAME_RE.fullmatch(name) or set(name) == {"."}:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise ValueError(
+            f"invalid stream name {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
+            "(not only dots), for example 'cam0'"
+        )
+    return name
+
+
+def segment_path(stream: str) -> str:
+    return f"{SHM_DIR}/{SEGMENT_PREFIX}{stream}"
+
+
+def semaphore_name(stream: str, epoch: int, entry: int) -> str:
+    """posix_ipc name of the wake-up semaphore of one reader-table entry."""
+    return f"/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}{epoch:016x}.w{entry}"
+
+
+def semaphore_file_prefix(stream: str) -> str:
+    """File-name prefix in /dev/shm of every semaphore that belongs to ``stream``."""
+    return f"sem.{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}"
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+# --- header -------------------------------------------------------------------------------------
+
+# Static part, written once before the segment becomes visible under its name.
+STATIC = struct.Struct("<8sIIQiIdQIIQQQQIIQQQ64s")
+# magic, version, header_size, epoch, owner_pid, owner_uid, created_wall, created_mono_ns,
+# slot_count, table_size, slot_stride, slot_capacity, meta_offset, map_offset, map_size,
+# page_alignment, table_offset, data_offset, total_size, name
+
+# Live part: one writer (the producer); everyone else reads it without locks.
+LIVE_OFFSET = 256
+NEWEST_SEQ = struct.Struct("<Q")  # at LIVE_OFFSET: the hot field, read on every reader call
+NEWEST_SEQ_OFFSET = LIVE_OFFSET
+GEOMETRY = struct.Struct("<IIIII")  # state, format, height, width, channels
+GEOMETRY_OFFSET = LIVE_OFFSET + 8
+COUNTERS = struct.Struct("<ddQQQQdQ")
+# configured_fps, measured_fps, frames_published, source_drops, publisher_drops,
+# last_publish_mono_ns, last_publish_wall, reconnects
+COUNTERS_OFFSET = LIVE_OFFSET + 32
+TABLE_CHANGED = struct.Struct("<Q")  # bumped by readers on attach/detach/mode change: a hint
+TABLE_CHANGED_OFFSET = LIVE_OFFSET + 96
+STATE_SINCE = struct.Struct("<d")
+STATE_SINCE_OFFSET = LIVE_OFFSET + 104
+REASON_OFFSET = 512
+REASON_SIZE = 512
+SOURCE_OFFSET = 1024
+SOURCE_SIZE = 512
+EXTRA_OFFSET = 1536  # JSON written by the daemon: options shown by status (group, format, ...)
+EXTRA_SIZE = 1024
+
+# --- per-slot metadata ---------------------------------------------------------------------------
+
+META = struct.Struct("<QQdIIIIQ")
+# seq, timestamp_ns, wall_time, height, width, channels, format, nbytes
+
+# --- seq -> slot map -----------------------------------------------------------------------------
+
+MAP_ENTRY = struct.Struct("<I")
+
+# --- reader table entry --------------------------------------------------------------------------
+
+ENTRY_IDENTITY = struct.Struct("<iIIId")  # pid, uid, hold, mode, attached_wall   at +0
+ENTRY_PROGRESS = struct.Struct("<QQQQ")  # last_seq, cursor, frames, dropped      at +24
+ENTRY_PROGRESS_OFFSET = 24
+ENTRY_HELD = struct.Struct("<I")  # frames held right now                            at +56
+ENTRY_HELD_OFFSET = 56
+ENTRY_RATE = struct.Struct("<dd")  # fps, last_frame_wall                           at +64
+ENTRY_RATE_OFFSET = 64
+ENTRY_GENERATION = struct.Struct("<Q")  #                                            at +80
+ENTRY_GENERATION_OFFSET = 80
+ENTRY_NAME_OFFSET = 88
+ENTRY_NAME_SIZE = 56
+ENTRY_INFO_OFFSET = 144  # JSON written by the reader itself (the recorder: encoder, drops)
+ENTRY_INFO_SIZE = ENTRY_SIZE - ENTRY_INFO_OFFSET
+
+
+def encode_text(text: str, size: int) -> bytes:
+    """UTF-8, cut to fit ``size`` bytes with a NUL left over, never splitting a character."""
+    raw = text.encode("utf-8")[: size - 1]
+    return raw.decode("utf-8", "ignore").encode("utf-8").ljust(size, b"\0")
+
+
+def decode_text(raw: bytes) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Where everything sits in a segment of ``slot_count`` slots of ``slot_capacity`` bytes."""
+
+    slot_count: int
+    slot_capacity: int
+    table_size: int
+    map_size: int
+    slot_stride: int
+    meta_offset: int
+    map_offset: int
+    table_offset: int
+    data_offset: int
+    total_size: int
+
+    @classmethod
+    def compute(cls, slot_count: int, slot_capacity: int) -> RingLayout:
+        if isinstance(slot_count, bool) or not isinstance(slot_count, int):
+            raise TypeError(f"slots must be an int, not {type(slot_count).__name__}")
+        if not MIN_SLOTS <= slot_count <= MAX_SLOTS:
+            raise ValueError(f"slots must be between {MIN_SLOTS} and {MAX_SLOTS}, got {slot_count}")
+        if not 0 <= slot_capacity <= MAX_FRAME_BYTES:
+            raise ValueError(
+                f"a frame of {slot_capacity} bytes is outside 0..{MAX_FRAME_BYTES}: check width, height and format"
+            )
+        # Every reader holds at least one frame and the producer needs the newest frame plus one
+        # slot to write into, so the table never needs more entries than this.
+        table_size = slot_count - 2
+        map_size = 1
+        while map_size < 4 * slot_count:
+            map_size *= 2
+        meta_offset = HEADER_SIZE
+        map_offset = meta_offset + slot_count * META_RECORD_SIZE
+        table_offset = _align(map_offset + map_size * MAP_ENTRY.size, 64)
+        data_offset = _align(table_offset + table_size * ENTRY_SIZE, DATA_ALIGNMENT)
+        slot_stride = _align(max(slot_capacity, 1), SLOT_ALIGNMENT)
+        total_size = data_offset + slot_count * slot_stride
+        return cls(
+            slot_count=slot_count,
+            slot_capacity=slot_capacity,
+            table_size=table_size,
+            map_size=map_size,
+            slot_stride=slot_stride,
+            meta_offset=meta_offset,
+            map_offset=map_offset,
+            table_offset=table_offset,
+            data_offset=data_offset,
+            total_size=total_size,
+        )
+
+    def meta(self, slot: int) -> int:
+        return self.meta_offset + slot * META_RECORD_SIZE
+
+    def map_entry(self, seq: int) -> int:
+        return self.map_offset + (seq % self.map_size) * MAP_ENTRY.size
+
+    def entry(self, index: int) -> int:
+        return self.table_offset + index * ENTRY_SIZE
+
+    def slot_data(self, slot: int) -> int:
+        """Offset of a slot's pixels, relative to ``data_offset``."""
+        return slot * self.slot_stride

@@ -1,0 +1,544 @@
+"""The producer side of the ring: ``Publisher`` (protocol in ``_ring.py``)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import time
+from types import TracebackType
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import posix_ipc
+
+from ._errors import ClosedError
+from ._layout import (
+    COUNTERS,
+    COUNTERS_OFFSET,
+    ENTRY_IDENTITY,
+    ENTRY_PROGRESS,
+    ENTRY_PROGRESS_OFFSET,
+    EXTRA_OFFSET,
+    EXTRA_SIZE,
+    GEOMETRY,
+    GEOMETRY_OFFSET,
+    LOCK_ENTRY_BASE,
+    LOCK_SLOT_BASE,
+    MAP_ENTRY,
+    META,
+    NEWEST_SEQ,
+    NEWEST_SEQ_OFFSET,
+    REASON_OFFSET,
+    REASON_SIZE,
+    SOURCE_OFFSET,
+    SOURCE_SIZE,
+    STATE_SINCE,
+    STATE_SINCE_OFFSET,
+    TABLE_CHANGED,
+    TABLE_CHANGED_OFFSET,
+    PixelFormat,
+    ReaderMode,
+    StreamState,
+    encode_text,
+    validate_stream_name,
+)
+from ._ring import MAX_PENDING_WAKES, READER_REFRESH
+from ._segment import Segment, create_segment, resolve_group
+
+DEFAULT_SLOTS = 12
+MAX_FPS = 10_000.0
+
+
+class Lifecycle(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def check_shape(shape: object, pixel_format: Optional[str] = None) -> tuple[tuple[int, ...], int]:
+    """Validate a frame shape; return it as a tuple with its pixel-format code."""
+    if not isinstance(shape, (tuple, list)) or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape
+    ):
+        raise TypeError(f"shape must be a tuple of ints such as (480, 640, 3), not {shape!r}")
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 3 and dims[2] == 1:
+        dims = dims[:2]
+    if len(dims) not in (2, 3) or (len(dims) == 3 and dims[2] != 3):
+        raise ValueError(f"shape must be (height, width, 3) for colour or (height, width) for gray, got {dims}")
+    if not all(1 <= d <= 65536 for d in dims[:2]):
+        raise ValueError(f"frame height and width must be between 1 and 65536 pixels, got {dims[0]}x{dims[1]}")
+    channels = 1 if len(dims) == 2 else 3
+    if pixel_format is None:
+        code = PixelFormat.GRAY if channels == 1 else PixelFormat.BGR
+    else:
+        code = PixelFormat.parse(pixel_format)
+        if PixelFormat.CHANNELS[code] != channels:
+            raise ValueError(f"pixel format {pixel_format!r} needs {PixelFormat.CHANNELS[code]} channel(s), shape {dims} has {channels}")
+    return dims, code
+
+
+def check_fps(fps: object) -> float:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+        raise TypeError(f"fps must be a number, not {type(fps).__name__}")
+    value = float(fps)
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_FPS:
+        raise ValueError(f"fps must be between 0 (unknown) and {MAX_FPS:g}, got {fps}")
+    return value
+
+
+def _describe(shape: tuple[int, ...], code: int) -> str:
+    return f"{shape[1]}x{shape[0]} {PixelFormat.NAMES[code]}"
+
+
+class SlotWriter:
+    """Context manager returned by ``Publisher.slot()``: a writable view into a free slot.
+
+    The frame is published when the ``with`` block ends without an exception and dropped (never
+    shown to readers) if it raises. Set ``writer.timestamp_ns`` inside the block to give the capture
+    time the source reported; by default the time at which the block ends is used, since that is
+    when a blocking ``cap.read(buf)`` has the frame.
+    """
+
+    __slots__ = ("_publisher", "_slot", "timestamp_ns", "array", "seq")
+
+    def __init__(self, publisher: "Publisher", timestamp_ns: Optional[int]) -> None:
+        self._publisher = publisher
+        self._slot = -1
+        self.timestamp_ns = timestamp_ns
+        self.array: Optional[np.ndarray] = None
+        self.seq: Optional[int] = None  # the published seq, after the block
+
+    def __enter__(self) -> np.ndarray:
+        publisher = self._publisher
+        publisher._check_open()
+        slot = publisher._claim_slot()
+        if slot < 0:
+            # Every slot is leased: impossible within the slot budget, but never wait for readers.
+            publisher._publisher_drops += 1
+            self.array = np.empty(publisher._shape, np.uint8)  # written and thrown away
+            return self.array
+        self._slot = slot
+        self.array = publisher._views[slot]
+        return self.array
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        publisher = self._publisher
+        slot, self._slot = self._slot, -1
+        if slot < 0:
+            return
+        if exc_type is not None:
+            publisher._abandon(slot)
+            return
+        timestamp_ns = self.timestamp_ns
+        self.seq = publisher._commit(slot, time.monotonic_ns() if timestamp_ns is None else int(timestamp_ns))
+
+
+class Publisher:
+    """Writes frames into a stream's ring; any program can be a producer.
+
+    ``Publisher("cam0", shape=(480, 640, 3), fps=30)`` creates ``/dev/shm/framebroker.cam0``
+    (raises ``StreamBusy`` naming the pid if a live daemon owns it; takes over a stale one).
+    ``publish(array)`` copies a frame in once; ``with pub.slot() as buf:`` lets a capture write
+    straight into shared memory. ``close()`` (or leaving the ``with`` block) removes the segment
+    and its semaphores; readers keep frames they hold and wait for a new producer.
+
+    A Publisher is not thread-safe: publish from one thread. It does not survive ``fork()``.
+    """
+
+    _segment: Optional[Segment] = None
+    _semaphores: Sequence[posix_ipc.Semaphore] = ()
+    _state = Lifecycle.CLOSED
+
+    def __init__(
+        self,
+        stream: str,
+        shape: Sequence[int],
+        fps: float = 0.0,
+        *,
+        format: Optional[str] = None,
+        slots: int = DEFAULT_SLOTS,
+        group: Optional[str] = None,
+        source: str = "",
+        capacity: Optional[int] = None,
+    ) -> None:
+        self._stream = validate_stream_name(stream)
+        self._shape, self._format = check_shape(shape, format)
+        self._fps = check_fps(fps)
+        self._gid = resolve_group(group)
+        self._group = group
+        self._slots = slots
+        self._source = source
+        frame_bytes = int(np.prod(self._shape))
+        if capacity is None:
+            capacity = frame_bytes
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError("capacity must be an int (bytes per slot)")
+        if capacity < frame_bytes:
+            raise ValueError(f"capacity {capacity} is smaller than one {_describe(self._shape, self._format)} frame ({frame_bytes} bytes)")
+        self._seq = 0
+        self._publisher_drops = 0
+        self._source_drops = 0
+        self._reconnects = 0
+        self._extra: dict[str, Any] = {}
+        self._stream_state = StreamState.STARTING
+        self._reason = ""
+        self._create(capacity, replace=None)
+        self._state = Lifecycle.OPEN
+        self._pid = os.getpid()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _create(self, capacity: int, replace: Optional[Segment]) -> None:
+        segment, semaphores = create_segment(
+            self._stream,
+            self._slots,
+            capacity,
+            gid=self._gid,
+            describe_frame=_describe(self._shape, self._format),
+            replace=replace,
+        )
+        self._segment = segment
+        self._semaphores = semaphores
+        layout = segment.layout
+        self._layout = layout
+        self._control = segment.control
+        self._locks = segment.locks
+        self._capacity = layout.slot_capacity
+        self._slot_seq = [0] * layout.slot_count
+        # Slots by how recently they were written, most recent first; see _claim_slot.
+        self._recency = list(range(layout.slot_count))
+        self._newest_slot = -1
+        self._rebuild_views()
+        self._wake_list: list[posix_ipc.Semaphore] = []
+        self._ordered_entries: list[int] = []
+        self._table_seen = -1
+        self._next_refresh = 0.0
+        self._rate_mark = (time.monotonic(), self._seq)
+        self._measured_fps = 0.0
+        self._write_geometry()
+        self._write_counters(0, 0.0)
+        self._write_text(SOURCE_OFFSET, SOURCE_SIZE, self._source)
+        self._write_text(REASON_OFFSET, REASON_SIZE, self._reason)
+        self._write_extra()
+        STATE_SINCE.pack_into(self._control, STATE_SINCE_OFFSET, time.time())
+        NEWEST_SEQ.pack_into(self._control, NEWEST_SEQ_OFFSET, self._seq)
+
+    def _rebuild_views(self) -> None:
+        data = self._segment.data  # type: ignore[union-attr]
+        stride = self._layout.slot_stride
+        self._views = [
+            np.ndarray(self._shape, np.uint8, buffer=data, offset=k * stride) for k in range(self._layout.slot_count)
+        ]
+        self._frame_bytes = int(np.prod(self._shape))
+
+    def close(self) -> None:
+        """Remove the segment and its semaphores. Safe to call twice."""
+        if self._state is Lifecycle.OPEN:
+            self._state = Lifecycle.CLOSED
+            # A forked child must not remove its parent's stream.
+            self._close_segment(self._segment, self._semaphores, unlink=os.getpid() == self._pid)
+        self._segment = None
+        self._semaphores = ()
+        self._views = []
+
+    def _close_segment(self, segment: Optional[Segment], semaphores: Sequence[posix_ipc.Semaphore], unlink: bool) -> None:
+        for sem in semaphores:
+            if unlink:
+                try:
+                    sem.unlink()
+                except posix_ipc.ExistentialError:
+                    pass
+            sem.close()
+        if segment is not None:
+            if unlink and segment.still_named():
+                try:
+                    os.unlink(segment.path)
+                except FileNotFoundError:
+                    pass
+            segment.close()
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._state is Lifecycle.OPEN:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def _check_open(self) -> None:
+        if self._state is not Lifecycle.OPEN:
+            raise ClosedError(f"Publisher for stream {self._stream!r} is closed")
+
+    # --- public properties -------------------------------------------------------------------
+
+    @property
+    def stream(self) -> str:
+        return self._stream
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def format(self) -> str:
+        return PixelFormat.NAMES[self._format]
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last published frame (0 before the first)."""
+        return self._seq
+
+    @property
+    def slots(self) -> int:
+        return self._layout.slot_count
+
+    @property
+    def dropped(self) -> int:
+        """Frames not published because every slot was leased (never expected within the slot budget)."""
+        return self._publisher_drops
+
+    # --- publishing ----------------------------------------------------------------------------
+
+    def publish(self, array: np.ndarray, timestamp_ns: Optional[int] = None) -> Optional[int]:
+        """Copy ``array`` into the ring as the newest frame; return its seq.
+
+        ``timestamp_ns`` is the capture time on CLOCK_MONOTONIC (``time.monotonic_ns()``);
+        it defaults to the moment of this call. A frame of another shape changes the stream's
+        geometry (readers see the new shape). Returns None if the frame had to be dropped
+        because every slot was leased, which the slot budget rules out.
+        """
+        timestamp = time.monotonic_ns() if timestamp_ns is None else int(timestamp_ns)
+        self._check_open()
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"publish() takes a numpy array, not {type(array).__name__}")
+        if array.dtype != np.uint8:
+            raise TypeError(f"frames must be uint8, got {array.dtype}")
+        if array.shape != self._shape:
+            self.set_geometry(array.shape)
+        slot = self._claim_slot()
+        if slot < 0:
+            self._publisher_drops += 1
+            return None
+        try:
+            np.copyto(self._views[slot], array, casting="no")
+        except BaseException:
+            self._abandon(slot)
+            raise
+        return self._commit(slot, timestamp)
+
+    def slot(self, timestamp_ns: Optional[int] = None) -> SlotWriter:
+        """Write a frame in place: ``with pub.slot() as buf: cap.read(buf)``; see ``SlotWriter``."""
+        return SlotWriter(self, timestamp_ns)
+
+    def set_geometry(self, shape: Sequence[int], format: Optional[str] = None) -> None:
+        """Change the frame shape (a camera came back at another resolution).
+
+        A frame that fits the slots keeps the segment; a larger one makes a new, larger segment
+        under the same name, which readers re-attach to by themselves.
+        """
+        self._check_open()
+        if format is None and len(tuple(shape)) == 3 and PixelFormat.CHANNELS[self._format] == 3:
+            format = PixelFormat.NAMES[self._format]  # keep rgb/bgr when only the size changes
+        fmt = format
+        dims, code = check_shape(shape, fmt)
+        if dims == self._shape and code == self._format:
+            return
+        self._shape, self._format = dims, code
+        needed = int(np.prod(dims))
+        if needed <= self._capacity:
+            self._rebuild_views()
+            self._write_geometry()
+            return
+        old_segment, old_semaphores = self._segment, self._semaphores
+        assert old_segment is not None
+        self._create(needed, replace=old_segment)
+        # Tell readers of the old segment to move: mark it, wake them, then let it go.
+        GEOMETRY.pack_into(old_segment.control, GEOMETRY_OFFSET, StreamState.REPLACED, code, dims[0], dims[1], 1 if len(dims) == 2 else 3)  # type: ignore[arg-type]
+        for sem in old_semaphores:
+            sem.release()
+        # The old name now points at the new segment, so only the old semaphores are removed.
+        self._close_segment(old_segment, old_semaphores, unlink=True)
+
+    def _claim_slot(self) -> int:
+        """Exclusively lock a slot to write; -1 if every candidate is leased (see _ring.py)."""
+        self._refresh_readers_if_needed()
+        newest = self._newest_slot
+        recency = self._recency
+        locks = self._locks
+        protect_after = self._protect_after()
+        slot_seq = self._slot_seq
+        if protect_after is None:
+            for slot in recency:
+                if slot != newest and locks.try_exclusive(LOCK_SLOT_BASE + slot):
+                    return slot
+        else:
+            # Slots whose frames every ordered reader has consumed, warmest first ...
+            for slot in recency:
+                if slot != newest and slot_seq[slot] <= protect_after and locks.try_exclusive(LOCK_SLOT_BASE + slot):
+                    return slot
+            # ... then, when a reader lags that far, the oldest frame it still wanted.
+            for slot in reversed(recency):
+                if slot != newest and slot_seq[slot] > protect_after and locks.try_exclusive(LOCK_SLOT_BASE + slot):
+                    return slot
+        return -1
+
+    def _protect_after(self) -> Optional[int]:
+        """Lowest cursor of the ordered readers: frames after it are kept as long as possible."""
+        entries = self._ordered_entries
+        if not entries:
+            return None
+        control = self._control
+        lowest: Optional[int] = None
+        for offset in entries:
+            _last, cursor, _frames, _dropped = ENTRY_PROGRESS.unpack_from(control, offset + ENTRY_PROGRESS_OFFSET)
+            if cursor and (lowest is None or cursor < lowest):
+                lowest = cursor
+        return lowest
+
+    def _abandon(self, slot: int) -> None:
+        self._locks.unlock(LOCK_SLOT_BASE + slot)
+
+    def _commit(self, slot: int, timestamp_ns: int) -> int:
+        seq = self._seq + 1
+        control = self._control
+        shape = self._shape
+        wall = time.time()
+        META.pack_into(
+            control,
+            self._layout.meta(slot),
+            seq,
+            timestamp_ns,
+            wall,
+            shape[0],
+            shape[1],
+            shape[2] if len(shape) == 3 else 1,
+            self._format,
+            self._frame_bytes,
+        )
+        # The unlock is the publishing barrier (see "What orders the frame bytes" in _ring.py).
+        self._locks.unlock(LOCK_SLOT_BASE + slot)
+        MAP_ENTRY.pack_into(control, self._layout.map_entry(seq), slot)
+        NEWEST_SEQ.pack_into(control, NEWEST_SEQ_OFFSET, seq)
+        self._seq = seq
+        self._slot_seq[slot] = seq
+        self._newest_slot = slot
+        recency = self._recency
+        if recency[0] != slot:
+            recency.remove(slot)
+            recency.insert(0, slot)
+        if self._stream_state != StreamState.STREAMING:
+            self.set_state("streaming")
+        self._write_counters(timestamp_ns, wall)
+        for sem in self._wake_list:
+            if sem.value < MAX_PENDING_WAKES:
+                sem.release()
+        return seq
+
+    # --- readers ---------------------------------------------------------------------------
+
+    def _refresh_readers_if_needed(self) -> None:
+        (changed,) = TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)
+        now = time.monotonic()
+        if changed == self._table_seen and now < self._next_refresh:
+            return
+        self._table_seen = changed
+        self._next_refresh = now + READER_REFRESH
+        wake: list[posix_ipc.Semaphore] = []
+        ordered: list[int] = []
+        layout = self._layout
+        for index in range(layout.table_size):
+            if not self._locks.held_by_other(LOCK_ENTRY_BASE + index):
+                continue
+            wake.append(self._semaphores[index])
+            offset = layout.entry(index)
+            mode = ENTRY_IDENTITY.unpack_from(self._control, offset)[3]
+            if mode == ReaderMode.ORDERED:
+                ordered.append(offset)
+        self._wake_list = wake
+        self._ordered_entries = ordered
+
+    def reader_count(self) -> int:
+        """Readers attached right now."""
+        self._check_open()
+        self._next_refresh = 0.0
+        self._refresh_readers_if_needed()
+        return len(self._wake_list)
+
+    # --- what status shows -------------------------------------------------------------------
+
+    def set_state(self, state: str, reason: str = "") -> None:
+        """Report the source's state (``starting``, ``streaming``, ``reconnecting``, ``stopped``,
+        ``ended``) and why; shown by ``framebroker status``. Readers are woken so that those
+        waiting on an ``ended`` stream learn about it at once."""
+        self._check_open()
+        code = StreamState.parse(state)
+        changed = code != self._stream_state
+        self._stream_state = code
+        self._reason = reason
+        self._write_text(REASON_OFFSET, REASON_SIZE, reason)
+        self._write_geometry()
+        if changed:
+            STATE_SINCE.pack_into(self._control, STATE_SINCE_OFFSET, time.time())
+            if code == StreamState.RECONNECTING:
+                self._reconnects += 1
+            if code == StreamState.ENDED:
+                self._next_refresh = 0.0
+                self._refresh_readers_if_needed()
+                for sem in self._wake_list:
+                    sem.release()
+
+    def add_source_drops(self, count: int) -> None:
+        """Count frames the source lost before they reached the ring (shown by status)."""
+        self._source_drops += int(count)
+
+    def set_info(self, **info: Any) -> None:
+        """Extra key/values shown by ``framebroker status`` for this stream (JSON, 1 KiB)."""
+        self._extra.update(info)
+        self._write_extra()
+
+    def _write_geometry(self) -> None:
+        shape = self._shape
+        GEOMETRY.pack_into(
+            self._control,
+            GEOMETRY_OFFSET,
+            self._stream_state,
+            self._format,
+            shape[0],
+            shape[1],
+            shape[2] if len(shape) == 3 else 1,
+        )
+
+    def _write_counters(self, timestamp_ns: int, wall: float) -> None:
+        now = time.monotonic()
+        mark_time, mark_seq = self._rate_mark
+        if now - mark_time >= 1.0:
+            self._measured_fps = (self._seq - mark_seq) / (now - mark_time)
+            self._rate_mark = (now, self._seq)
+        COUNTERS.pack_into(
+            self._control,
+            COUNTERS_OFFSET,
+            self._fps,
+            self._measured_fps,
+            self._seq,
+            self._source_drops,
+            self._publisher_drops,
+            timestamp_ns,
+            wall,
+            self._reconnects,
+        )
+
+    def _write_text(self, offset: int, size: int, text: str) -> None:
+        self._control[offset : offset + size] = encode_text(text, size)  # type: ignore[index]
+
+    def _write_extra(self) -> None:
+        text = json.dumps(self._extra, separators=(",", ":"))
+        if len(text.encode()) >= EXTRA_SIZE:
+            raise ValueError(f"stream info too large for the header ({len(text)} bytes, max {EXTRA_SIZE - 1})")
+        self._write_text(EXTRA_OFFSET, EXTRA_SIZE, text)

@@ -1,0 +1,693 @@
+"""The reader side of the ring: ``Reader`` and the ``Frame`` leases it hands out (protocol in ``_ring.py``)."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import sys
+import time
+import weakref
+from collections import OrderedDict
+from types import TracebackType
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import posix_ipc
+
+from ._errors import CapacityError, ClosedError, FrameBrokerError, FrameReleased, FrameTimeout, SourceEnded, StreamNotFound
+from ._layout import (
+    ENTRY_GENERATION,
+    ENTRY_GENERATION_OFFSET,
+    ENTRY_HELD,
+    ENTRY_HELD_OFFSET,
+    ENTRY_IDENTITY,
+    ENTRY_INFO_OFFSET,
+    ENTRY_INFO_SIZE,
+    ENTRY_NAME_OFFSET,
+    ENTRY_NAME_SIZE,
+    ENTRY_PROGRESS,
+    ENTRY_PROGRESS_OFFSET,
+    ENTRY_RATE,
+    ENTRY_RATE_OFFSET,
+    GEOMETRY,
+    GEOMETRY_OFFSET,
+    LOCK_ATTACH,
+    LOCK_ENTRY_BASE,
+    LOCK_SLOT_BASE,
+    MAP_ENTRY,
+    META,
+    NEWEST_SEQ,
+    NEWEST_SEQ_OFFSET,
+    REASON_OFFSET,
+    REASON_SIZE,
+    TABLE_CHANGED,
+    TABLE_CHANGED_OFFSET,
+    PixelFormat,
+    ReaderMode,
+    StreamState,
+    decode_text,
+    encode_text,
+    semaphore_name,
+    validate_stream_name,
+)
+from ._ring import LIVENESS_STEP, ORPHAN_STEP
+from ._segment import Segment, open_segment
+
+log = logging.getLogger("framebroker.reader")
+
+# How long attaching waits for another attaching process to finish its bookkeeping (seconds).
+ATTACH_LOCK_TIMEOUT = 2.0
+# How often a reader recomputes the fps it shows in status (seconds).
+RATE_WINDOW = 0.5
+
+
+class Lifecycle(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Frame:
+    """One frame leased from the ring: a read-only, zero-copy view plus its metadata.
+
+    ``array`` is a numpy view of shared memory: (H, W, 3) uint8 for bgr/rgb, (H, W) for gray.
+    It stays byte-for-byte unchanged until the frame is released: by ``release()``, by leaving
+    ``with frame:``, by the Reader handing out a frame beyond its ``hold`` budget (the oldest
+    held frame goes first), or by ``Reader.close()``. After that, ``array`` raises
+    ``FrameReleased``; a view you kept from before may then change, so ``copy()`` what you keep.
+
+    ``torch.from_numpy(frame.array)`` shares the memory without copying. PyTorch warns that the
+    array is not writable: the tensor must be treated as read-only too (an in-place op on it
+    would fault); ``.clone()`` it to modify it.
+    """
+
+    __slots__ = (
+        "seq",
+        "timestamp_ns",
+        "wall_time",
+        "shape",
+        "format",
+        "dropped",
+        "stream",
+        "_slot",
+        "_attachment",
+        "_offset",
+        "_array",
+        "_released",
+    )
+
+    def __init__(
+        self,
+        attachment: "_Attachment",
+        slot: int,
+        seq: int,
+        timestamp_ns: int,
+        wall_time: float,
+        shape: tuple[int, ...],
+        pixel_format: str,
+        dropped: int,
+    ) -> None:
+        self.seq = seq
+        self.timestamp_ns = timestamp_ns
+        self.wall_time = wall_time
+        self.shape = shape
+        self.format = pixel_format
+        self.dropped = dropped
+        self.stream = attachment.stream
+        self._slot = slot
+        self._attachment = attachment
+        self._offset = attachment.segment.layout.slot_data(slot)
+        self._array: Optional[np.ndarray] = None
+        self._released = False
+
+    @property
+    def array(self) -> np.ndarray:
+        """Read-only numpy view of the frame in shared memory (no copy)."""
+        if self._released:
+            raise FrameReleased(
+                f"frame {self.seq} of stream {self.stream!r} was released; its slot may hold another frame now. "
+                "Keep frames longer with Reader(..., hold=N), or copy() them before asking for the next one."
+            )
+        array = self._array
+        if array is None:
+            array = self._array = np.ndarray(self.shape, np.uint8, buffer=self._attachment.data, offset=self._offset)
+        return array
+
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        array = self.array
+        if copy:
+            return array.astype(dtype or array.dtype, copy=True)
+        return array if dtype is None else array.astype(dtype)
+
+    def copy(self) -> np.ndarray:
+        """A private, writable copy of the pixels, valid forever."""
+        return self.array.copy()
+
+    @property
+    def height(self) -> int:
+        return self.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.shape[1]
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Give the slot back to the producer. Safe to call twice."""
+        if not self._released:
+            self._attachment.release(self)
+
+    def __enter__(self) -> "Frame":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return (
+            f"<Frame {self.stream!r} seq={self.seq} {self.shape[1]}x{self.shape[0]} {self.format} "
+            f"t={self.timestamp_ns} dropped={self.dropped} {state}>"
+        )
+
+
+class _Attachment:
+    """A reader's attachment to one segment instance: its entry, semaphore and leases."""
+
+    def __init__(self, stream: str, segment: Segment, entry: int, semaphore: posix_ipc.Semaphore) -> None:
+        self.stream = stream
+        self.segment = segment
+        self.layout = segment.layout
+        self.control = segment.control
+        self.data = segment.data
+        self.locks = segment.locks
+        self.entry = entry
+        self.entry_offset = segment.layout.entry(entry)
+        self.semaphore = semaphore
+        self.held: "OrderedDict[int, Frame]" = OrderedDict()  # slot -> frame, oldest first
+        self.open = True
+
+    def release(self, frame: Frame) -> None:
+        frame._released = True
+        frame._array = None
+        if self.held.get(frame._slot) is frame:
+            del self.held[frame._slot]
+            if self.open:
+                self.locks.unlock(LOCK_SLOT_BASE + frame._slot)
+                ENTRY_HELD.pack_into(self.control, self.entry_offset + ENTRY_HELD_OFFSET, len(self.held))
+
+    def detach(self, clear_entry: bool) -> None:
+        """Let go of the segment. Frames still held stay readable (their mapping lives on) but no
+        longer pin anything: either the segment is gone (daemon restart) or the reader is closing."""
+        if not self.open:
+            return
+        self.open = False
+        if clear_entry and self.control is not None:
+            try:
+                ENTRY_IDENTITY.pack_into(self.control, self.entry_offset, 0, 0, 0, ReaderMode.IDLE, 0.0)
+                _bump_table(self.control)
+            except (ValueError, TypeError):
+                pass
+        try:
+            self.semaphore.close()
+        except posix_ipc.Error:
+            pass
+        self.control = None
+        # Keep self.data: frames held from this segment still view it. The descriptor goes, and
+        # with it every lock this attachment held (entry, leases).
+        self.segment.data = None
+        self.segment.close()
+
+
+def _bump_table(control: Any) -> None:
+    # A hint for the producer to rescan the reader table; a lost concurrent update only delays
+    # the rescan until its periodic refresh.
+    (value,) = TABLE_CHANGED.unpack_from(control, TABLE_CHANGED_OFFSET)
+    TABLE_CHANGED.pack_into(control, TABLE_CHANGED_OFFSET, (value + 1) & 0xFFFFFFFFFFFFFFFF)
+
+
+_live_readers: "weakref.WeakSet[Reader]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Locks belong to the open file description, which a forked child shares with its parent:
+    # if the child used or released them it would drop the parent's leases. Disarm the copies.
+    for reader in list(_live_readers):
+        reader._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Reader:
+    """Attach to a stream and read its frames zero-copy.
+
+    ``Reader("cam0", name="detector")`` attaches (``StreamNotFound`` if nothing serves "cam0";
+    with ``wait=S`` it waits up to S seconds for the stream to appear). ``hold`` is how many
+    frames this reader may hold at once (default 1); each reader reserves that many slots, and
+    attaching fails with ``CapacityError`` if the ring has no room left.
+
+    * ``latest(timeout)``: the newest frame (the same one again if nothing newer arrived).
+    * ``next(timeout)``: the first frame newer than the last one returned; waits for it.
+    * ``for frame in reader``: repeated ``next()``: always fresh, may skip frames.
+    * ``ordered()``: every frame in order; ``frame.dropped`` counts those that were overwritten
+      before this reader got to them.
+
+    Asking for a frame beyond the hold budget releases the oldest held frame first. Waiting
+    sleeps in the kernel (no polling). If the daemon dies or restarts, the reader attaches to the
+    new one by itself; sequence numbers then start again from 1. A Reader is for one thread;
+    give each thread (and each forked process) its own.
+    """
+
+    _attachment: Optional[_Attachment] = None
+    _state = Lifecycle.CLOSED
+
+    def __init__(self, stream: str, name: Optional[str] = None, *, hold: int = 1, wait: float = 0.0) -> None:
+        self._stream = validate_stream_name(stream)
+        if name is None:
+            name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        if not isinstance(name, str):
+            raise TypeError(f"reader name must be a str, not {type(name).__name__}")
+        if len(name.encode("utf-8")) >= ENTRY_NAME_SIZE:
+            raise ValueError(f"reader name must be at most {ENTRY_NAME_SIZE - 1} bytes, got {name!r}")
+        if isinstance(hold, bool) or not isinstance(hold, int):
+            raise TypeError(f"hold must be an int, not {type(hold).__name__}")
+        if hold < 1:
+            raise ValueError(f"hold must be at least 1 frame, got {hold}")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
+        self._name = name
+        self._hold = hold
+        self._mode = ReaderMode.IDLE
+        self._last_seq = 0  # seq of the last frame returned (0: none yet from this segment)
+        self._frames = 0
+        self._dropped = 0
+        self._info = ""
+        self._rate_mark = (time.monotonic(), 0)
+        self._fps = 0.0
+        self._orphaned = False
+        self._reattach_error = ""
+        deadline = time.monotonic() + float(wait)
+        while True:
+            try:
+                self._attachment = self._attach()
+                break
+            except StreamNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(ORPHAN_STEP)
+        self._state = Lifecycle.OPEN
+        _live_readers.add(self)
+
+    # --- attaching ------------------------------------------------------------------------------
+
+    def _attach(self) -> _Attachment:
+        segment = open_segment(self._stream)
+        try:
+            if not segment.owner_alive():
+                raise StreamNotFound(
+                    f"stream {self._stream!r} is not being served: its daemon (pid {segment.header.owner_pid}) "
+                    f"is no longer running. Start it again with framebroker serve ... --name {self._stream}"
+                )
+            segment.map(control_writable=True, data_access="r")
+            entry = self._claim_entry(segment)
+            try:
+                name = semaphore_name(self._stream, segment.header.epoch, entry)
+                semaphore = posix_ipc.Semaphore(name)
+            except posix_ipc.ExistentialError:
+                raise StreamNotFound(f"stream {self._stream!r} is shutting down") from None
+            return _Attachment(self._stream, segment, entry, semaphore)
+        except BaseException:
+            segment.close()
+            raise
+
+    def _claim_entry(self, segment: Segment) -> int:
+        locks = segment.locks
+        control = segment.control
+        layout = segment.layout
+        deadline = time.monotonic() + ATTACH_LOCK_TIMEOUT
+        while not locks.try_exclusive(LOCK_ATTACH):
+            if time.monotonic() >= deadline:
+                raise FrameBrokerError(
+                    f"could not attach to stream {self._stream!r}: another process has been attaching for "
+                    f"{ATTACH_LOCK_TIMEOUT:g} s and seems stuck (stopped?). Resume or kill it, then retry."
+                )
+            time.sleep(0.002)
+        try:
+            reserved = 0
+            free: list[int] = []
+            for index in range(layout.table_size):
+                if locks.held_by_other(LOCK_ENTRY_BASE + index):
+                    reserved += ENTRY_IDENTITY.unpack_from(control, layout.entry(index))[2]  # type: ignore[arg-type]
+                else:
+                    free.append(index)
+            budget = layout.slot_count - 2
+            if reserved + self._hold > budget or not free:
+                raise CapacityError(
+                    f"stream {self._stream!r} cannot guarantee {self._hold} more held frame(s): its ring has "
+                    f"{layout.slot_count} slots, {reserved} of the {budget} that readers may hold are reserved "
+                    f"by attached readers. Restart the daemon with --slots {reserved + self._hold + 2} "
+                    f"or more, or ask for fewer held frames."
+                )
+            for index in free:
+                if locks.try_exclusive(LOCK_ENTRY_BASE + index):
+                    self._write_identity(control, layout.entry(index), index)
+                    _bump_table(control)
+                    return index
+            raise CapacityError(f"stream {self._stream!r}: every reader-table entry is in use; restart the daemon with more --slots")
+        finally:
+            locks.unlock(LOCK_ATTACH)
+
+    def _write_identity(self, control: Any, offset: int, index: int) -> None:
+        # Field by field, identity (with the pid) last: status may read the entry meanwhile,
+        # and must not see this reader's pid next to its predecessor's generation.
+        (generation,) = ENTRY_GENERATION.unpack_from(control, offset + ENTRY_GENERATION_OFFSET)
+        ENTRY_GENERATION.pack_into(control, offset + ENTRY_GENERATION_OFFSET, generation + 1)
+        ENTRY_PROGRESS.pack_into(control, offset + ENTRY_PROGRESS_OFFSET, 0, 0, 0, 0)
+        ENTRY_HELD.pack_into(control, offset + ENTRY_HELD_OFFSET, 0)
+        ENTRY_RATE.pack_into(control, offset + ENTRY_RATE_OFFSET, 0.0, 0.0)
+        control[offset + ENTRY_NAME_OFFSET : offset + ENTRY_NAME_OFFSET + ENTRY_NAME_SIZE] = encode_text(self._name, ENTRY_NAME_SIZE)
+        control[offset + ENTRY_INFO_OFFSET : offset + ENTRY_INFO_OFFSET + ENTRY_INFO_SIZE] = encode_text(self._info, ENTRY_INFO_SIZE)
+        ENTRY_IDENTITY.pack_into(control, offset, os.getpid(), os.geteuid(), self._hold, self._mode, time.time())
+
+    def _reattach(self) -> bool:
+        """Move to a new segment under the stream's name if a live daemon serves one."""
+        old = self._attachment
+        try:
+            new = self._attach()
+        except (FrameBrokerError, OSError) as exc:
+            # Kept for the timeout message: "no daemon yet" and "new daemon refuses us" differ.
+            self._reattach_error = "" if isinstance(exc, StreamNotFound) else str(exc)
+            return False
+        if old is not None:
+            old.detach(clear_entry=False)
+        log.info("reader %r: stream %r has a new daemon (pid %d); re-attached", self._name, self._stream, new.segment.header.owner_pid)
+        self._attachment = new
+        self._last_seq = 0
+        self._orphaned = False
+        self._write_progress(new, cursor=0)
+        return True
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every held frame and detach. Safe to call twice."""
+        if self._state is Lifecycle.CLOSED:
+            return
+        self._state = Lifecycle.CLOSED
+        attachment, self._attachment = self._attachment, None
+        if attachment is not None:
+            for frame in list(attachment.held.values()):
+                attachment.release(frame)
+            attachment.detach(clear_entry=True)
+        _live_readers.discard(self)
+
+    def _forked(self) -> None:
+        self._state = Lifecycle.CLOSED
+        attachment, self._attachment = self._attachment, None
+        if attachment is not None:
+            attachment.open = False
+            for frame in attachment.held.values():
+                frame._released = True
+            attachment.segment.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._state is Lifecycle.OPEN:
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def _current(self) -> _Attachment:
+        attachment = self._attachment
+        if self._state is not Lifecycle.OPEN or attachment is None:
+            raise ClosedError(f"Reader of stream {self._stream!r} is closed")
+        return attachment
+
+    # --- public properties --------------------------------------------------------------------------
+
+    @property
+    def stream(self) -> str:
+        return self._stream
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def hold(self) -> int:
+        return self._hold
+
+    @property
+    def dropped(self) -> int:
+        """Frames ordered() skipped because they were overwritten before this reader got to them."""
+        return self._dropped
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Current frame shape of the stream."""
+        attachment = self._current()
+        _state, _fmt, height, width, channels = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)  # type: ignore[arg-type]
+        return (height, width) if channels == 1 else (height, width, channels)
+
+    @property
+    def newest_seq(self) -> int:
+        """Sequence number of the newest frame in the ring (0 before the first)."""
+        attachment = self._current()
+        return NEWEST_SEQ.unpack_from(attachment.control, NEWEST_SEQ_OFFSET)[0]  # type: ignore[arg-type]
+
+    def set_info(self, **info: Any) -> None:
+        """Key/values shown next to this reader by ``framebroker status`` (JSON, ~360 bytes)."""
+        text = json.dumps(info, separators=(",", ":"))
+        if len(text.encode()) >= ENTRY_INFO_SIZE:
+            raise ValueError(f"reader info too large ({len(text)} bytes, max {ENTRY_INFO_SIZE - 1})")
+        self._info = text
+        attachment = self._current()
+        offset = attachment.entry_offset + ENTRY_INFO_OFFSET
+        attachment.control[offset : offset + ENTRY_INFO_SIZE] = encode_text(text, ENTRY_INFO_SIZE)  # type: ignore[index]
+
+    # --- reading ---------------------------------------------------------------------------------------
+
+    def latest(self, timeout: Optional[float] = None) -> Frame:
+        """The newest frame; waits up to ``timeout`` seconds (None: forever) only if there is none yet.
+
+        Returns the frame this reader already holds if nothing newer arrived. Raises
+        ``FrameTimeout`` if no frame arrives in time, ``SourceEnded`` if the stream ended.
+        """
+        return self._get(ReaderMode.LIVE, timeout)
+
+    def next(self, timeout: Optional[float] = None) -> Frame:
+        """The newest frame, once it is newer than the last frame this reader returned."""
+        return self._get(ReaderMode.NEXT, timeout)
+
+    def __iter__(self) -> Iterator[Frame]:
+        """Fresh frames forever (repeated ``next()``); ends only when the stream ends."""
+        while True:
+            try:
+                yield self._get(ReaderMode.NEXT, None)
+            except SourceEnded:
+                return
+
+    def ordered(self, timeout: Optional[float] = None) -> Iterator[Frame]:
+        """Every frame in order, starting with the newest; ``frame.dropped`` counts frames missed
+        since the previous one. ``timeout`` bounds each wait (``FrameTimeout``). Ends when the
+        stream ends."""
+        while True:
+            try:
+                yield self._get(ReaderMode.ORDERED, timeout)
+            except SourceEnded:
+                return
+
+    def _get(self, mode: int, timeout: Optional[float]) -> Frame:
+        attachment = self._current()
+        if mode != self._mode:
+            self._set_mode(attachment, mode)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            attachment = self._current()
+            control = attachment.control
+            (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)  # type: ignore[arg-type]
+            wanted = 1 if mode == ReaderMode.LIVE else self._last_seq + 1
+            if newest >= wanted and not self._orphaned:
+                frame = self._lease(attachment, mode, newest)
+                if frame is not None:
+                    return frame
+                continue
+            self._wait(attachment, deadline, wanted)
+
+    def _set_mode(self, attachment: _Attachment, mode: int) -> None:
+        self._mode = mode
+        control = attachment.control
+        offset = attachment.entry_offset
+        pid, uid, hold, _mode, attached = ENTRY_IDENTITY.unpack_from(control, offset)  # type: ignore[arg-type]
+        ENTRY_IDENTITY.pack_into(control, offset, pid, uid, hold, mode, attached)  # type: ignore[arg-type]
+        if mode != ReaderMode.ORDERED:
+            self._write_progress(attachment, cursor=0)
+        _bump_table(control)
+
+    def _lease(self, attachment: _Attachment, mode: int, newest: int) -> Optional[Frame]:
+        """Try to lease the wanted frame; None means "look again" (the producer moved on)."""
+        control = attachment.control
+        layout = attachment.layout
+        if mode == ReaderMode.ORDERED and self._last_seq:
+            target = self._last_seq + 1
+        else:
+            target = newest
+        (slot,) = MAP_ENTRY.unpack_from(control, layout.map_entry(target))  # type: ignore[arg-type]
+        held = attachment.held
+        if slot < layout.slot_count:
+            frame = held.get(slot)
+            if frame is not None and frame.seq == target:
+                if mode == ReaderMode.LIVE:
+                    return frame
+        frame = self._lock_and_check(attachment, slot, target, mode)
+        if frame is None and mode == ReaderMode.ORDERED and self._last_seq:
+            frame = self._oldest_after(attachment, self._last_seq)
+        return frame
+
+    def _make_room(self, attachment: _Attachment) -> None:
+        held = attachment.held
+        while len(held) >= self._hold:
+            attachment.release(next(iter(held.values())))
+
+    def _lock_and_check(self, attachment: _Attachment, slot: int, target: int, mode: int) -> Optional[Frame]:
+        layout = attachment.layout
+        if not 0 <= slot < layout.slot_count:
+            return None
+        if slot in attachment.held:
+            return None  # we hold an older frame there; the wanted one cannot be in that slot
+        self._make_room(attachment)
+        if not attachment.locks.try_shared(LOCK_SLOT_BASE + slot):
+            return None
+        seq, timestamp_ns, wall, height, width, channels, fmt, _nbytes = META.unpack_from(attachment.control, layout.meta(slot))  # type: ignore[arg-type]
+        if seq != target:
+            attachment.locks.unlock(LOCK_SLOT_BASE + slot)
+            return None
+        return self._hand_out(attachment, slot, seq, timestamp_ns, wall, height, width, channels, fmt, mode)
+
+    def _oldest_after(self, attachment: _Attachment, after: int) -> Optional[Frame]:
+        """Ordered mode, when the wanted frame is gone: the oldest frame still in the ring."""
+        layout = attachment.layout
+        control = attachment.control
+        candidates = []
+        for slot in range(layout.slot_count):
+            seq = META.unpack_from(control, layout.meta(slot))[0]  # type: ignore[arg-type]
+            if seq > after:
+                candidates.append((seq, slot))
+        for seq, slot in sorted(candidates):
+            frame = self._lock_and_check(attachment, slot, seq, ReaderMode.ORDERED)
+            if frame is not None:
+                return frame
+        return None
+
+    def _hand_out(
+        self,
+        attachment: _Attachment,
+        slot: int,
+        seq: int,
+        timestamp_ns: int,
+        wall: float,
+        height: int,
+        width: int,
+        channels: int,
+        fmt: int,
+        mode: int,
+    ) -> Frame:
+        dropped = 0
+        if mode == ReaderMode.ORDERED and self._last_seq:
+            dropped = seq - self._last_seq - 1
+            self._dropped += dropped
+        shape = (height, width) if channels == 1 else (height, width, channels)
+        frame = Frame(attachment, slot, seq, timestamp_ns, wall, shape, PixelFormat.NAMES.get(fmt, "bgr"), dropped)
+        attachment.held[slot] = frame
+        self._last_seq = seq
+        self._frames += 1
+        control = attachment.control
+        offset = attachment.entry_offset
+        ENTRY_PROGRESS.pack_into(
+            control,
+            offset + ENTRY_PROGRESS_OFFSET,
+            seq,
+            seq if mode == ReaderMode.ORDERED else 0,
+            self._frames,
+            self._dropped,
+        )
+        ENTRY_HELD.pack_into(control, offset + ENTRY_HELD_OFFSET, len(attachment.held))
+        now = time.monotonic()
+        mark_time, mark_frames = self._rate_mark
+        if now - mark_time >= RATE_WINDOW:
+            self._fps = (self._frames - mark_frames) / (now - mark_time)
+            self._rate_mark = (now, self._frames)
+            ENTRY_RATE.pack_into(control, offset + ENTRY_RATE_OFFSET, self._fps, time.time())
+        return frame
+
+    def _write_progress(self, attachment: _Attachment, cursor: int) -> None:
+        ENTRY_PROGRESS.pack_into(
+            attachment.control,
+            attachment.entry_offset + ENTRY_PROGRESS_OFFSET,
+            self._last_seq,
+            cursor,
+            self._frames,
+            self._dropped,
+        )
+
+    # --- waiting -------------------------------------------------------------------------------------------
+
+    def _wait(self, attachment: _Attachment, deadline: Optional[float], wanted: int) -> None:
+        """Sleep until a post, the deadline or the next liveness check; handle daemon changes."""
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise FrameTimeout(self._timeout_message(attachment, wanted))
+        step = ORPHAN_STEP if self._orphaned else LIVENESS_STEP
+        if deadline is not None:
+            step = min(step, deadline - now)
+        if not self._orphaned:
+            state = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)[0]  # type: ignore[arg-type]
+            if state == StreamState.ENDED:
+                raise SourceEnded(f"stream {self._stream!r} ended: {self._reason(attachment) or 'its source has no more frames'}")
+            if state == StreamState.REPLACED:
+                self._orphaned = True
+                self._reattach()
+                return
+        try:
+            attachment.semaphore.acquire(step)
+            return
+        except posix_ipc.BusyError:
+            pass
+        except posix_ipc.Error as exc:
+            log.debug("reader %r: waiting on stream %r failed (%s); looking for its daemon", self._name, self._stream, exc)
+            self._orphaned = True
+        if self._orphaned or not attachment.segment.owner_alive():
+            if not self._orphaned:
+                log.info("reader %r: the daemon of stream %r is gone; waiting for a new one", self._name, self._stream)
+            self._orphaned = True
+            self._reattach()
+
+    def _reason(self, attachment: _Attachment) -> str:
+        control = attachment.control
+        if control is None:
+            return ""
+        return decode_text(control[REASON_OFFSET : REASON_OFFSET + REASON_SIZE])
+
+    def _timeout_message(self, attachment: _Attachment, wanted: int) -> str:
+        if self._orphaned:
+            if self._reattach_error:
+                return f"no frame from stream {self._stream!r}: its daemon restarted but attaching failed: {self._reattach_error}"
+            return (
+                f"no frame from stream {self._stream!r}: its daemon stopped and no new one serves it yet "
+                "(this reader re-attaches by itself when one does)"
+            )
+        state = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)[0]  # type: ignore[arg-type]
+        reason = self._reason(attachment)
+        detail = f"; the daemon reports {StreamState.NAMES.get(state, '?')}" + (f": {reason}" if reason else "")
+        return f"no new frame from stream {self._stream!r} within the timeout{detail}"
