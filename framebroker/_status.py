@@ -1,0 +1,236 @@
+"""What ``framebroker status`` (and the preview's /metrics) know about streams and readers.
+
+Everything here reads segments through a read-only mapping and decides liveness from OFD locks
+(``_ring.py``), so it needs no cooperation from the daemon, works when the daemon is dead, and
+never disturbs a reader. The JSON schema it produces is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+from ._errors import AccessDenied, IncompatibleSegment, StreamNotFound
+from ._layout import (
+    COUNTERS,
+    COUNTERS_OFFSET,
+    EXTRA_OFFSET,
+    EXTRA_SIZE,
+    GEOMETRY,
+    GEOMETRY_OFFSET,
+    LOCK_ENTRY_BASE,
+    NEWEST_SEQ,
+    NEWEST_SEQ_OFFSET,
+    REASON_OFFSET,
+    REASON_SIZE,
+    SOURCE_OFFSET,
+    SOURCE_SIZE,
+    STATE_SINCE,
+    STATE_SINCE_OFFSET,
+    PixelFormat,
+    ReaderMode,
+    StreamState,
+    decode_text,
+)
+from ._ring import read_entry
+from ._segment import Segment, list_stream_names, open_segment
+
+SCHEMA_VERSION = 1
+
+
+def _json_text(raw: str) -> Any:
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"text": raw}
+
+
+def describe_readers(segment: Segment) -> list[dict[str, Any]]:
+    """Every live reader of an opened, mapped segment (dead entries are skipped)."""
+    control = segment.control
+    assert control is not None
+    layout = segment.layout
+    (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)
+    now = time.time()
+    readers = []
+    for index in range(layout.table_size):
+        if not segment.locks.held_by_other(LOCK_ENTRY_BASE + index):
+            continue
+        entry = read_entry(control, layout.entry(index))
+        last_frame = entry["last_frame_wall"]
+        readers.append(
+            {
+                "entry": index,
+                "pid": entry["pid"],
+                "name": entry["name"],
+                "mode": ReaderMode.NAMES.get(entry["mode"], "unknown"),
+                "fps": round(entry["fps"], 2),
+                "frames": entry["frames"],
+                "last_seq": entry["last_seq"],
+                "lag": max(0, newest - entry["last_seq"]) if entry["last_seq"] else None,
+                "dropped": entry["dropped"],
+                "held": entry["held"],
+                "hold": entry["hold"],
+                "attached_since": entry["attached_wall"],
+                "last_frame_age_s": round(now - last_frame, 3) if last_frame else None,
+                "generation": entry["generation"],
+                "info": _json_text(entry["info"]),
+            }
+        )
+    return readers
+
+
+def describe_segment(segment: Segment) -> dict[str, Any]:
+    """Stream-level facts of an opened, mapped segment, with its readers."""
+    control = segment.control
+    assert control is not None
+    header = segment.header
+    layout = segment.layout
+    (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)
+    state, fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
+    (
+        configured_fps,
+        measured_fps,
+        published,
+        source_drops,
+        publisher_drops,
+        last_mono_ns,
+        last_wall,
+        reconnects,
+    ) = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
+    (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
+    alive = segment.owner_alive()
+    now_mono = time.monotonic_ns()
+    state_name = StreamState.NAMES.get(state, "unknown")
+    if not alive:
+        state_name = "dead"
+    last_age = (now_mono - last_mono_ns) / 1e9 if last_mono_ns else None
+    # A stale measured rate would be a lie once frames stop: report what is flowing now.
+    if last_age is not None and configured_fps and last_age > 3.0 / max(configured_fps, 0.1) + 1.0:
+        measured_fps = 0.0
+    return {
+        "name": segment.stream,
+        "state": state_name,
+        "reason": decode_text(control[REASON_OFFSET : REASON_OFFSET + REASON_SIZE]),
+        "state_since": state_since,
+        "alive": alive,
+        "pid": header.owner_pid,
+        "source": decode_text(control[SOURCE_OFFSET : SOURCE_OFFSET + SOURCE_SIZE]),
+        "width": width,
+        "height": height,
+        "channels": channels,
+        "format": PixelFormat.NAMES.get(fmt, "unknown"),
+        "configured_fps": round(configured_fps, 3),
+        "measured_fps": round(measured_fps, 2),
+        "seq": newest,
+        "frames": published,
+        "source_drops": source_drops,
+        "publisher_drops": publisher_drops,
+        "reconnects": reconnects,
+        "last_frame_age_s": round(last_age, 3) if last_age is not None else None,
+        "last_frame_wall": last_wall or None,
+        "started": header.created_wall,
+        "uptime_s": round((now_mono - header.created_mono_ns) / 1e9, 1),
+        "slots": layout.slot_count,
+        "slot_bytes": layout.slot_capacity,
+        "shm_bytes": layout.total_size,
+        "mode": f"{segment.mode:04o}",
+        "gid": segment.gid,
+        "info": _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])),
+        "readers": describe_readers(segment),
+    }
+
+
+def describe_stream(name: str) -> dict[str, Any]:
+    """Status of one stream; problems become a ``state`` with an ``error`` instead of raising."""
+    try:
+        segment = open_segment(name, for_status=True)
+    except StreamNotFound as exc:
+        return {"name": name, "state": "absent", "alive": False, "error": str(exc), "readers": []}
+    except AccessDenied as exc:
+        return {"name": name, "state": "no-access", "alive": None, "error": str(exc), "readers": []}
+    except IncompatibleSegment as exc:
+        return {"name": name, "state": "incompatible", "alive": None, "error": str(exc), "readers": []}
+    try:
+        segment.map(control_writable=False, data_access=None)
+        return describe_segment(segment)
+    finally:
+        segment.close()
+
+
+def collect(name: Optional[str] = None) -> dict[str, Any]:
+    """The whole ``status --json`` document."""
+    names = [name] if name is not None else list_stream_names()
+    return {
+        "schema": SCHEMA_VERSION,
+        "time": time.time(),
+        "host": os.uname().nodename,
+        "streams": [describe_stream(n) for n in names],
+    }
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _since(wall: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def render_table(document: dict[str, Any]) -> str:
+    """The human-readable form of a ``collect()`` document."""
+    lines: list[str] = []
+    streams = document["streams"]
+    if not streams:
+        return "no streams (start one with: framebroker serve test:// --name cam0)"
+    for stream in streams:
+        if "error" in stream:
+            lines.append(f"{stream['name']}: {stream['state']}: {stream['error']}")
+            lines.append("")
+            continue
+        state = stream["state"]
+        if stream["reason"] and state not in ("streaming",):
+            state += f" ({stream['reason']})"
+        if state.startswith("dead"):
+            state = f"dead: daemon pid {stream['pid']} is gone; segment left behind (a new daemon takes it over)"
+        lines.append(f"stream {stream['name']}: {state}")
+        lines.append(
+            f"  source {stream['source'] or '-'}   {stream['width']}x{stream['height']} {stream['format']}   "
+            f"fps {stream['measured_fps']:.1f} (configured {stream['configured_fps']:g})"
+        )
+        lines.append(
+            f"  seq {stream['seq']}   source drops {stream['source_drops']}   last frame {_age(stream['last_frame_age_s'])} ago   "
+            f"daemon pid {stream['pid']}   up {_age(stream['uptime_s'])}   {stream['slots']} slots, "
+            f"{stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
+        )
+        readers = stream["readers"]
+        if not readers:
+            lines.append("  no readers")
+        else:
+            header = f"  {'PID':>7}  {'NAME':<18} {'MODE':<8} {'FPS':>6} {'LAG':>5} {'DROPPED':>8} {'HELD':>5}  {'SINCE':<8}  INFO"
+            lines.append(header)
+            for reader in readers:
+                info = reader["info"]
+                info_text = " ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else str(info)
+                lag = "-" if reader["lag"] is None else str(reader["lag"])
+                lines.append(
+                    f"  {reader['pid']:>7}  {reader['name'][:18]:<18} {reader['mode']:<8} {reader['fps']:>6.1f} {lag:>5} "
+                    f"{reader['dropped']:>8} {reader['held']:>2}/{reader['hold']:<2}  {_since(reader['attached_since']):<8}  {info_text}"
+                )
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = ["collect", "describe_readers", "describe_segment", "describe_stream", "render_table"]

@@ -1,0 +1,51 @@
+"""Camera sources: the URIs ``framebroker serve`` accepts and the code that reads each kind.
+
+``parse_source(uri)`` validates a URI (``ValueError`` naming the problem); ``make_source``
+builds the reader for it. Kinds: ``test://`` (synthetic), files, V4L2/USB cameras (OpenCV),
+``csi://``, ``rtsp://`` and ``gst://`` (GStreamer through ``gst-launch-1.0``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from ._base import GeometryChanged, Source
+from ._gstreamer import CsiSource, GstSource, RtspSource
+from ._opencv import FileSource, V4L2Source
+from ._synthetic import TestPatternSource
+from ._uri import SourceSpec, parse_source, redact
+
+_KINDS: dict[str, type[Source]] = {
+    "test": TestPatternSource,
+    "file": FileSource,
+    "v4l2": V4L2Source,
+    "csi": CsiSource,
+    "rtsp": RtspSource,
+    "gst": GstSource,
+}
+
+
+def make_source(
+    spec: SourceSpec,
+    *,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    fps: Optional[float] = None,
+    pixel_format: str = "bgr",
+    stop: Optional[threading.Event] = None,
+) -> Source:
+    """The Source object for a parsed URI (not opened yet)."""
+    if (width is None) != (height is None):
+        raise ValueError("give both --width and --height, or neither")
+    return _KINDS[spec.kind](
+        spec,
+        width=width,
+        height=height,
+        fps=fps,
+        pixel_format=pixel_format,
+        stop=stop or threading.Event(),
+    )
+
+
+__all__ = ["GeometryChanged", "Source", "SourceSpec", "make_source", "parse_source", "redact"]

@@ -1,0 +1,111 @@
+"""What every camera source provides to the daemon."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+
+from .._errors import SourceError
+from .._layout import PixelFormat
+from ._uri import SourceSpec
+
+
+class GeometryChanged(Exception):
+    """Raised by ``read_into`` when the source's frame size changed; the frame is kept for the
+    next ``read_into`` with a buffer of the new ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__(f"frame size changed to {shape[1]}x{shape[0]}")
+        self.shape = shape
+
+
+class Source:
+    """A camera (or a stand-in) that fills frames in place.
+
+    Life cycle, driven by the daemon: ``open()`` (raises ``SourceError`` with a reason a human
+    can act on), then ``read_into(buffer)`` for each frame, which fills ``buffer`` (shape
+    ``self.shape``, the requested pixel format) and returns the capture time on CLOCK_MONOTONIC
+    in nanoseconds if the driver reports one (else None: the daemon stamps it on arrival);
+    ``close()`` at the end or before a reconnect. ``stop`` is set when the daemon shuts down:
+    blocking waits must watch it.
+    """
+
+    finite = False  # True for sources that end (a file without ?loop=1)
+    default_size = (480, 640)
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        *,
+        width: Optional[int],
+        height: Optional[int],
+        fps: Optional[float],
+        pixel_format: str,
+        stop: threading.Event,
+    ) -> None:
+        self.spec = spec
+        self.description = spec.display
+        self.width = width
+        self.height = height
+        self.requested_fps = fps
+        self.pixel_format = pixel_format
+        self.channels = PixelFormat.CHANNELS[PixelFormat.parse(pixel_format)]
+        self.stop = stop
+        self.shape: tuple[int, ...] = self._shape_for(height or self.default_size[0], width or self.default_size[1])
+        self.fps: float = fps or 0.0
+
+    def _shape_for(self, height: int, width: int) -> tuple[int, ...]:
+        return (height, width) if self.channels == 1 else (height, width, 3)
+
+    def provisional_shape(self) -> tuple[int, ...]:
+        """Shape to size the ring with before the source is open (it may grow later)."""
+        return self.shape
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def read_into(self, out: np.ndarray) -> Optional[int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Pacer:
+    """Releases frames at a fixed rate without drifting, sleeping on the stop event."""
+
+    def __init__(self, fps: float, stop: threading.Event) -> None:
+        self.period = 1.0 / fps if fps > 0 else 0.0
+        self.stop = stop
+        self.next_time: Optional[float] = None
+
+    def wait(self) -> None:
+        if self.period <= 0:
+            if self.stop.is_set():
+                raise SourceError("stopping")
+            return
+        now = time.monotonic()
+        if self.next_time is None or now - self.next_time > 5 * self.period:
+            self.next_time = now  # first frame, or we fell far behind: start the schedule afresh
+        delay = self.next_time - now
+        if delay > 0 and self.stop.wait(delay):
+            raise SourceError("stopping")
+        self.next_time += self.period
+
+
+def convert_into(image: np.ndarray, out: np.ndarray, pixel_format: str) -> None:
+    """Write a BGR image into ``out`` in ``pixel_format``, resizing if the sizes differ."""
+    import cv2  # heavy: imported where used
+
+    if image.shape[:2] != out.shape[:2]:
+        image = cv2.resize(image, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_AREA)
+    if pixel_format == "bgr":
+        if image is not out:
+            np.copyto(out, image)
+    elif pixel_format == "rgb":
+        cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=out)
+    else:
+        cv2.cvtColor(image, cv2.COLOR_BGR2GRAY, dst=out)

@@ -1,0 +1,160 @@
+"""Parsing source URIs (the jetson-utils convention) and hiding credentials in them."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+
+SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://")
+_HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path or gst://PIPELINE"
+
+# Query options each kind understands. RTSP URLs may carry the camera's own query parameters,
+# so for rtsp:// only these keys are taken out and the rest stays in the URL.
+OPTIONS = {
+    "test": {},
+    "file": {"loop": "0 or 1: start again at the end instead of ending the stream"},
+    "v4l2": {"fourcc": "pixel format to ask the camera for, e.g. MJPG or YUYV"},
+    "csi": {"flip": "nvvidconv flip-method 0-7", "sensor_mode": "nvarguscamerasrc sensor-mode"},
+    "rtsp": {"latency": "jitter buffer in ms (rtspsrc latency), default 200", "transport": "tcp or udp"},
+    "gst": {},
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed source URI. ``target`` is the path, device, sensor, URL or pipeline."""
+
+    kind: str
+    target: str
+    options: dict = field(default_factory=dict)
+    username: str = ""
+    password: str = ""
+    display: str = ""  # the URI with credentials removed: the only form that may be printed
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def redact(text: str) -> str:
+    """Replace ``user:password@`` in every URL inside ``text`` by ``***@``."""
+    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
+def _options(kind: str, query: str, uri_for_errors: str) -> dict:
+    known = OPTIONS[kind]
+    options = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in known:
+            allowed = ", ".join(f"{k} ({v})" for k, v in known.items()) or "none"
+            raise ValueError(f"unknown option {key!r} in source {redact(uri_for_errors)!r}: {kind} sources take {allowed}")
+        options[key] = value
+    return options
+
+
+def _int_option(options: dict, key: str, low: int, high: int, default: int, uri: str) -> int:
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"option {key}={raw!r} in {redact(uri)!r} must be a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"option {key}={value} in {redact(uri)!r} must be between {low} and {high}")
+    return value
+
+
+def parse_source(uri: object) -> SourceSpec:
+    """Parse a source URI; raise ValueError naming what is wrong and what is accepted."""
+    if not isinstance(uri, str):
+        raise TypeError(f"source must be a str, not {type(uri).__name__}")
+    text = uri.strip()
+    if not text:
+        raise ValueError(f"empty source: {_HELP}")
+    if "\0" in text or "\n" in text:
+        raise ValueError(f"source {redact(text)!r} contains control characters: {_HELP}")
+    lower = text.lower()
+    if lower.startswith("test://"):
+        rest = text[len("test://") :]
+        path, _, query = rest.partition("?")
+        if path not in ("", "/"):
+            raise ValueError(f"test:// takes no path, got {text!r}; size and rate come from --width --height --fps")
+        return SourceSpec("test", "", _options("test", query, text), display="test://")
+    if lower.startswith("gst://"):
+        pipeline = text[len("gst://") :].strip()
+        if not pipeline:
+            raise ValueError("gst:// needs a pipeline that produces raw video, e.g. gst://videotestsrc pattern=ball")
+        return SourceSpec("gst", pipeline, {}, display=redact(text))
+    if lower.startswith("csi://"):
+        rest, _, query = text[len("csi://") :].partition("?")
+        if not rest.isdigit() or int(rest) > 15:
+            raise ValueError(f"csi:// needs a sensor number such as csi://0, got {text!r}")
+        options = _options("csi", query, text)
+        _int_option(options, "flip", 0, 7, 0, text)
+        _int_option(options, "sensor_mode", -1, 64, -1, text)
+        return SourceSpec("csi", rest, options, display=text)
+    if lower.startswith("usb://"):
+        rest, _, query = text[len("usb://") :].partition("?")
+        if not rest.isdigit() or int(rest) > 255:
+            raise ValueError(f"usb:// needs a camera index such as usb://0 (for /dev/video0), got {text!r}")
+        options = _options("v4l2", query, text)
+        return SourceSpec("v4l2", f"/dev/video{int(rest)}", options, display=text)
+    if lower.startswith("v4l2://"):
+        rest, _, query = text[len("v4l2://") :].partition("?")
+        if not rest.startswith("/dev/"):
+            raise ValueError(f"v4l2:// needs a device path such as v4l2:///dev/video0, got {text!r}")
+        return SourceSpec("v4l2", os.path.normpath(rest), _options("v4l2", query, text), display=text)
+    if lower.startswith(("rtsp://", "rtsps://")):
+        return _parse_rtsp(text)
+    if lower.startswith("file://"):
+        rest, _, query = text[len("file://") :].partition("?")
+        path = unquote(rest)
+        if not path:
+            raise ValueError(f"file:// needs a path, e.g. file:///home/me/video.mp4, got {text!r}")
+        return SourceSpec("file", path, _options("file", query, text), display=text)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        scheme = text.split("://", 1)[0]
+        raise ValueError(f"unknown source scheme {scheme + '://'!r} in {redact(text)!r}: {_HELP}")
+    if text.startswith("/dev/"):
+        path, _, query = text.partition("?")
+        return SourceSpec("v4l2", os.path.normpath(path), _options("v4l2", query, text), display=text)
+    path, sep, query = text.partition("?")
+    options = _options("file", query, text) if sep else {}
+    return SourceSpec("file", path, options, display=text)
+
+
+def _parse_rtsp(text: str) -> SourceSpec:
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"malformed RTSP URL {redact(text)!r}: {exc}") from None
+    if not parts.hostname:
+        raise ValueError(f"RTSP URL {redact(text)!r} has no host: use rtsp://[user:pass@]host[:port]/path")
+    ours = {}
+    theirs = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in OPTIONS["rtsp"]:
+            ours[key] = value
+        else:
+            theirs.append((key, value))
+    _int_option(ours, "latency", 0, 60000, 200, text)
+    if ours.get("transport", "tcp") not in ("tcp", "udp"):
+        raise ValueError(f"option transport={ours['transport']!r} in {redact(text)!r} must be tcp or udp")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host + (f":{port}" if port else "")
+    query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in theirs)
+    clean = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    shown = ([query] if query else []) + [f"{k}={v}" for k, v in ours.items()]
+    shown_query = "&".join(shown)
+    display = urlunsplit((parts.scheme, ("***@" if parts.username else "") + netloc, parts.path, shown_query, ""))
+    return SourceSpec(
+        "rtsp",
+        clean,
+        ours,
+        username=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        display=display,
+    )
