@@ -1,0 +1,37 @@
+"""Small helpers shared by the example clients (public framebroker API only)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Optional
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into a normal exit, so ``with Reader(...)`` blocks close cleanly."""
+
+    def handler(signum: int, frame: Optional[FrameType]) -> None:
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Every:
+    """True at most once per ``seconds`` (for periodic summary lines)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.next = time.monotonic() + seconds
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now >= self.next:
+            self.next = now + self.seconds
+            return True
+        return False
+
+
+def say(text: str) -> None:
+    print(text, flush=True)

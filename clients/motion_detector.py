@@ -1,0 +1,79 @@
+"""Example ML consumer: reports moving regions by differencing consecutive frames.
+
+Keeps a small grey copy of the previous frame (the only copy it makes) and prints the bounding
+boxes of what changed, with the frame's seq and capture timestamp, whenever motion starts, stops,
+or once a second while it goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import numpy as np
+
+import framebroker as fb
+
+from ._common import Every, exit_on_sigterm, say
+
+WORK_WIDTH = 320  # analyse at this width: motion needs no more, and it keeps the CPU cost small
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="stream to read")
+    parser.add_argument("--frames", type=int, default=0, help="stop after this many frames (default: run until the stream ends)")
+    parser.add_argument("--threshold", type=int, default=25, help="grey-level change that counts as motion (default 25)")
+    parser.add_argument("--min-area", type=int, default=40, help="smallest region reported, in pixels at 320 px width")
+    parser.add_argument("--reader-name", default="motion", help="name shown by framebroker status")
+
+
+def main(args: argparse.Namespace) -> int:
+    import cv2
+
+    exit_on_sigterm()
+    previous: Optional[np.ndarray] = None
+    moving = False
+    processed = 0
+    summary = Every(1.0)
+    with fb.Reader(args.name, name=args.reader_name, wait=10.0) as cam:
+        say(f"motion: reading stream {args.name!r}")
+        while True:
+            try:
+                frame = cam.next(timeout=2.0)
+            except fb.FrameTimeout as exc:
+                say(f"motion: waiting: {exc}")
+                continue
+            except fb.SourceEnded as exc:
+                say(f"motion: {exc}")
+                return 0
+            with frame:
+                image = frame.array
+                scale = WORK_WIDTH / image.shape[1]
+                size = (WORK_WIDTH, max(1, round(image.shape[0] * scale)))
+                small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+                seq, stamp = frame.seq, frame.timestamp_ns
+            gray = small if small.ndim == 2 else cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+            processed += 1
+            if previous is None or previous.shape != gray.shape:
+                previous = gray
+                continue
+            diff = cv2.absdiff(gray, previous)
+            previous = gray
+            _, mask = cv2.threshold(diff, args.threshold, 255, cv2.THRESH_BINARY)
+            mask = cv2.dilate(mask, None, iterations=2)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            boxes = [cv2.boundingRect(c) for c in contours if cv2.contourArea(c) >= args.min_area]
+            now_moving = bool(boxes)
+            if now_moving != moving or (now_moving and summary()):
+                if now_moving:
+                    shown = " ".join(
+                        f"[x={round(x / scale)} y={round(y / scale)} w={round(w / scale)} h={round(h / scale)}]"
+                        for x, y, w, h in boxes[:5]
+                    )
+                    say(f"motion: seq={seq} t={stamp} {len(boxes)} moving region(s) {shown}")
+                else:
+                    say(f"motion: seq={seq} t={stamp} still")
+            moving = now_moving
+            if args.frames and processed >= args.frames:
+                say(f"motion: done after {processed} frames")
+                return 0

@@ -1,0 +1,231 @@
+"""The ``framebroker`` command: one entry point for the daemon, status, and every client.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
+record, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
+only the public API; they are imported only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from ._errors import FrameBrokerError
+from ._layout import MAX_SLOTS, MIN_SLOTS, validate_stream_name
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# command -> (module in framebroker.clients, one-line help)
+CLIENT_COMMANDS = {
+    "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
+    "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
+    "read": ("plain_reader", "plain reader: prints seq, timestamp, fps and gaps of the frames it gets"),
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing; exits with code 2."""
+
+
+def stream_name(text: str) -> str:
+    try:
+        return validate_stream_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float, what: str, *, low_inclusive: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        too_low = value < low if low_inclusive else value <= low
+        if not math.isfinite(value) or too_low or value > high:
+            bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"{what} must be {bound} and <= {high:g}, got {text}")
+        return value
+
+    return parse
+
+
+def add_geometry_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--width", type=int_in(16, 16384, "--width"), help="frame width in pixels (with --height)")
+    parser.add_argument("--height", type=int_in(16, 16384, "--height"), help="frame height in pixels (with --width)")
+    parser.add_argument("--fps", type=float_in(0, 1000, "--fps"), help="frame rate to ask the source for")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="framebroker",
+        description="Share one camera between many processes through a shared-memory ring.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error. Python API: import framebroker as fb.",
+    )
+    parser.add_argument("--version", action="version", version=f"framebroker {_version()}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon that owns a camera and feeds its ring (foreground)",
+        description=(
+            "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
+            "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
+            "or gst://PIPELINE. A failing source is retried with backoff; SIGTERM/SIGINT stop cleanly."
+        ),
+    )
+    serve.add_argument("source", metavar="SOURCE", help="camera URI (see above)")
+    serve.add_argument("--name", type=stream_name, default="cam0", help="stream name readers attach to (default cam0)")
+    add_geometry_options(serve)
+    serve.add_argument("--format", choices=["bgr", "rgb", "gray"], default="bgr", help="pixel format in the ring (default bgr)")
+    serve.add_argument(
+        "--slots",
+        type=int_in(MIN_SLOTS, MAX_SLOTS, "--slots"),
+        default=12,
+        help="frames in the ring (default 12); readers may hold at most SLOTS-2 frames between them",
+    )
+    serve.add_argument("--group", help="open the stream to this group (mode 0660) instead of private (0600)")
+
+    status = commands.add_parser("status", help="show streams, their cameras and every reader")
+    status.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
+    status.add_argument("--json", action="store_true", help="machine-readable output (schema in README.md)")
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument("--interval", type=float_in(0.05, 3600, "--interval"), default=1.0, help="seconds between --watch refreshes")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a test:// daemon with the example consumers and a live status summary",
+        description="Start a daemon on test://, the face and motion detectors and a plain reader, each in its own "
+        "process, and print a status summary every few seconds. Ctrl-C ends everything cleanly.",
+    )
+    demo.add_argument("--name", type=stream_name, default="demo", help="stream name (default demo)")
+    demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
+
+    for command, (module, help_text) in CLIENT_COMMANDS.items():
+        sub = commands.add_parser(command, help=help_text, description=help_text)
+        client = importlib.import_module(f"framebroker.clients.{module}")
+        client.add_arguments(sub)
+        sub.set_defaults(client_module=module)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._daemon import Daemon
+
+    try:
+        daemon = Daemon(
+            args.source,
+            args.name,
+            width=args.width,
+            height=args.height,
+            fps=args.fps,
+            pixel_format=args.format,
+            slots=args.slots,
+            group=args.group,
+        )
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ._status import collect, render_table
+
+    if not args.watch:
+        document = collect(args.name)
+        if args.json:
+            print(json.dumps(document, indent=2))
+        else:
+            sys.stdout.write(render_table(document))
+        if args.name is not None and document["streams"][0]["state"] in ("absent", "incompatible", "no-access"):
+            return EXIT_FAILURE
+        return EXIT_OK
+    interactive = sys.stdout.isatty()
+    try:
+        while True:
+            document = collect(args.name)
+            text = json.dumps(document) + "\n" if args.json else render_table(document)
+            if interactive and not args.json:
+                sys.stdout.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  framebroker status (Ctrl-C to quit)\n\n") + text)
+            else:
+                sys.stdout.write(text)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return run_demo(args.name, args.duration)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "demo":
+            return _demo(args)
+        client = importlib.import_module(f"framebroker.clients.{args.client_module}")
+        return int(client.main(args) or 0)
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"framebroker {args.command}: error: {exc}\n")
+    except FrameBrokerError as exc:
+        print(f"framebroker {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
