@@ -1,0 +1,210 @@
+"""Processes that tests start: producers and readers with a job each.
+
+Run as ``python tests/workers.py ROLE STREAM [options]``. Every worker prints one JSON object per
+line on stdout (``{"event": ...}``), flushing each, so a test can follow it and assert on facts
+rather than on timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import framebroker as fb
+from framebroker import testpattern
+
+
+def emit(**event: object) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def produce(args: argparse.Namespace) -> int:
+    """Publish test-pattern frames, paced at --fps (0: as fast as possible), for --seconds.
+
+    With --unsafe, after publishing each frame it also scribbles the next frame into the slot of
+    the one it just published, without any lock: a deliberately broken ring that the integrity
+    tests must catch (their negative control).
+    """
+    shape = (args.height, args.width, 3)
+    period = 1.0 / args.fps if args.fps else 0.0
+    with fb.Publisher(args.stream, shape=shape, fps=args.fps, slots=args.slots) as pub:
+        emit(event="ready", pid=os.getpid())
+        deadline = time.monotonic() + args.seconds
+        next_time = time.monotonic()
+        next_report = next_time
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            writer = pub.slot()
+            with writer as buf:
+                testpattern.render_into(buf, n & 0xFFFFFFFF)
+            if args.unsafe and pub.seq:
+                # Reach past the locks on purpose (see the docstring).
+                victim = pub._views[pub._newest_slot]  # noqa: SLF001
+                testpattern.render_into(victim, (n + 1) & 0xFFFFFFFF)
+            if period:
+                next_time += period
+                delay = next_time - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + 0.05
+                emit(event="progress", published=pub.seq, t=now)
+        emit(event="done", published=pub.seq)
+    return 0
+
+
+def verify_loop(args: argparse.Namespace) -> int:
+    """Read frames (next or ordered) and check every byte of each against the pattern."""
+    checked = bad = 0
+    first_bad = None
+    deadline = time.monotonic() + args.seconds
+    with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
+        emit(event="ready", pid=os.getpid())
+        frames = cam.ordered(timeout=5.0) if args.mode == "ordered" else None
+        while time.monotonic() < deadline and (not args.frames or checked < args.frames):
+            try:
+                frame = next(frames) if frames is not None else cam.next(timeout=5.0)
+            except (fb.FrameTimeout, StopIteration):
+                break
+            with frame:
+                # The producers number frames like the ring does (n == seq), so a frame must be
+                # a perfect test picture *and* the picture of its own seq.
+                ok = testpattern.verify(frame.array) == frame.seq
+                # Check again: the frame must not change while held.
+                if ok and args.recheck:
+                    ok = testpattern.verify(frame.array) == frame.seq
+            checked += 1
+            if not ok:
+                bad += 1
+                first_bad = first_bad or frame.seq
+        emit(event="done", checked=checked, bad=bad, first_bad=first_bad, dropped=cam.dropped)
+    return 0
+
+
+def hold(args: argparse.Namespace) -> int:
+    """Take frames, hold them for --seconds, then report whether they stayed intact."""
+    with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
+        frames = []
+        for _ in range(args.hold):
+            frames.append(cam.next(timeout=10.0))
+        copies = [f.array.copy() for f in frames]
+        emit(event="holding", pid=os.getpid(), seqs=[f.seq for f in frames], newest=cam.newest_seq)
+        if args.seconds < 0:
+            signal.pause()  # until killed
+        time.sleep(args.seconds)
+        intact = all(np.array_equal(f.array, c) for f, c in zip(frames, copies))
+        pattern_ok = all(testpattern.verify(f.array) == f.seq for f in frames)
+        writable = any(f.array.flags.writeable for f in frames)
+        try:
+            frames[0].array[0, 0, 0] = 1
+            write_refused = False
+        except ValueError:
+            write_refused = True
+        emit(
+            event="done",
+            intact=intact,
+            pattern_ok=pattern_ok,
+            writable=writable,
+            write_refused=write_refused,
+            newest=cam.newest_seq,
+            seqs=[f.seq for f in frames],
+        )
+    return 0
+
+
+def churn(args: argparse.Namespace) -> int:
+    """Take and release frames in a tight loop (latest / next / explicit release), forever or
+    for --seconds; tests freeze or kill it at random instants."""
+    deadline = time.monotonic() + args.seconds if args.seconds > 0 else float("inf")
+    count = 0
+    with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
+        emit(event="ready", pid=os.getpid())
+        while time.monotonic() < deadline:
+            frame = cam.latest(timeout=5.0) if count % 3 == 0 else cam.next(timeout=5.0)
+            if count % 2:
+                frame.release()
+            count += 1
+            if count % 1000 == 0:
+                emit(event="progress", count=count)
+        emit(event="done", count=count)
+    return 0
+
+
+def follow(args: argparse.Namespace) -> int:
+    """Read with next() and report every frame's seq, shape and daemon pid-independent facts;
+    used to watch re-attachment after a daemon restart and geometry changes."""
+    deadline = time.monotonic() + args.seconds
+    with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
+        emit(event="ready", pid=os.getpid())
+        while time.monotonic() < deadline:
+            try:
+                frame = cam.next(timeout=1.0)
+            except fb.FrameTimeout:
+                emit(event="timeout")
+                continue
+            except fb.SourceEnded as exc:
+                emit(event="ended", message=str(exc))
+                return 0
+            with frame:
+                n = testpattern.verify(frame.array, frame.format)
+                emit(
+                    event="frame",
+                    seq=frame.seq,
+                    shape=list(frame.shape),
+                    valid=n is not None,
+                    ts=frame.timestamp_ns,
+                    wall=frame.wall_time,
+                    now=time.monotonic_ns(),
+                )
+    return 0
+
+
+def idle(args: argparse.Namespace) -> int:
+    """Wait for frames that do not come (or come rarely), to measure what waiting costs."""
+    with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
+        emit(event="ready", pid=os.getpid())
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            try:
+                frame = cam.next(timeout=max(0.01, deadline - time.monotonic()))
+            except fb.FrameTimeout:
+                continue
+            emit(event="frame", seq=frame.seq, ts=frame.timestamp_ns, now=time.monotonic_ns())
+            frame.release()
+        emit(event="done")
+    return 0
+
+
+ROLES = {"produce": produce, "verify": verify_loop, "hold": hold, "churn": churn, "follow": follow, "idle": idle}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("role", choices=sorted(ROLES))
+    parser.add_argument("stream")
+    parser.add_argument("--name", default="worker")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--frames", type=int, default=0)
+    parser.add_argument("--fps", type=float, default=0.0)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--slots", type=int, default=12)
+    parser.add_argument("--hold", type=int, default=1)
+    parser.add_argument("--mode", default="next")
+    parser.add_argument("--unsafe", action="store_true")
+    parser.add_argument("--recheck", action="store_true")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    return ROLES[args.role](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
