@@ -157,15 +157,20 @@ class Segment:
         self.mode = stat.S_IMODE(st.st_mode)
         self.locks = ByteLocks(fd)
 
-    def map(self, control_writable: bool, data_access: Optional[str]) -> None:
-        """Map the control area and, unless ``data_access`` is None, the frames ("r" or "rw")."""
+    def map(self, control_writable: bool, data_access: Optional[str], fd: Optional[int] = None) -> None:
+        """Map the control area and, unless ``data_access`` is None, the frames ("r" or "rw").
+
+        ``fd`` maps through another descriptor of the same file (the owner maps through one
+        opened by the final name, so /proc/PID/maps and lsof show the stream's name).
+        """
         layout = self.layout
+        source = self.fd if fd is None else fd
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if control_writable else 0)
-        self.control = mmap.mmap(self.fd, layout.data_offset, mmap.MAP_SHARED, prot)
+        self.control = mmap.mmap(source, layout.data_offset, mmap.MAP_SHARED, prot)
         if data_access is not None:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if data_access == "rw" else 0)
             length = layout.total_size - layout.data_offset
-            self.data = mmap.mmap(self.fd, length, mmap.MAP_SHARED, prot, offset=layout.data_offset)
+            self.data = mmap.mmap(source, length, mmap.MAP_SHARED, prot, offset=layout.data_offset)
 
     def owner_alive(self) -> bool:
         return self.locks.exclusively_held_by_other(LOCK_OWNER)
@@ -391,7 +396,6 @@ def create_segment(
         st = os.fstat(fd)
         header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, draft)
         segment = Segment(stream, path, fd, header, st)
-        segment.map(control_writable=True, data_access="rw")
         for index in range(layout.table_size):
             name = semaphore_name(stream, epoch, index)
             sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0)
@@ -409,6 +413,13 @@ def create_segment(
             os.rename(draft, path)
             draft = ""
         segment.path = path
+        named = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if (os.fstat(named).st_ino, os.fstat(named).st_dev) != (st.st_ino, st.st_dev):
+                raise IncompatibleSegment(f"{path} was replaced while it was being created; try again")
+            segment.map(control_writable=True, data_access="rw", fd=named)
+        finally:
+            os.close(named)
         return segment, semaphores
     except BaseException:
         for sem in semaphores:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -38,8 +39,9 @@ STALL_TIMEOUT = 5.0  # seconds without a byte before the pipeline is declared st
 
 
 def gst_quote(value: str) -> str:
-    """Quote a property value for a gst-launch description."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """Quote a property value in a description; ``open()`` splits it like a shell would, and
+    gst-launch then escapes each argument, so the value reaches the element verbatim."""
+    return shlex.quote(value)
 
 
 def element_available(name: str) -> bool:
@@ -99,13 +101,13 @@ class GstPipeSource(Source):
     def open(self) -> None:
         self.check_available()
         read_end, write_end = os.pipe()
-        description = self.pipeline().format(fd=write_end)
+        description = self.pipeline().replace("{fd}", str(write_end))
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._caps: Optional[dict[str, Any]] = None
         self._caps_event = threading.Event()
         try:
             self._process = subprocess.Popen(
-                [GST_LAUNCH, "-v", "-e", description],
+                [GST_LAUNCH, "-v", "-e", *shlex.split(description)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -170,10 +172,20 @@ class GstPipeSource(Source):
 
     def _failure(self) -> str:
         """A one-line reason from what the pipeline printed before it ended."""
-        errors = [line for line in self._stderr_tail if "ERROR" in line or "error" in line or "Could not" in line]
-        detail = errors[-1] if errors else (self._stderr_tail[-1] if self._stderr_tail else "")
+        lines = list(self._stderr_tail)
+        detail = ""
+        for index, line in enumerate(lines):
+            if line.startswith("ERROR: from element"):
+                # "ERROR: from element /GstPipeline:pipeline0/GstRTSPSrc:rtspsrc0: Unauthorized"
+                detail = line.rsplit(": ", 1)[-1]
+                debug = [entry for entry in lines[index + 2 : index + 4] if not entry.endswith(":") and "(" in entry]
+                if debug and debug[-1] not in detail:
+                    detail += f" ({debug[-1]})"
+                break
+        else:
+            errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))]
+            detail = errors[0] if errors else (lines[-1] if lines else "")
         code = self._process.returncode if self._process is not None else None
-        detail = detail.replace("ERROR: from element ", "")
         return redact(f"{self.description}: pipeline stopped (exit {code})" + (f": {detail}" if detail else ""))
 
     _renegotiated = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
@@ -86,6 +87,10 @@ def parse_source(uri: object) -> SourceSpec:
         pipeline = text[len("gst://") :].strip()
         if not pipeline:
             raise ValueError("gst:// needs a pipeline that produces raw video, e.g. gst://videotestsrc pattern=ball")
+        try:
+            shlex.split(pipeline)
+        except ValueError as exc:
+            raise ValueError(f"malformed gst:// pipeline ({exc}): quote values as you would in a shell") from None
         return SourceSpec("gst", pipeline, {}, display=redact(text))
     if lower.startswith("csi://"):
         rest, _, query = text[len("csi://") :].partition("?")
