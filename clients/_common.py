@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from types import FrameType
 from typing import Optional
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into a normal exit, so ``with Reader(...)`` blocks close cleanly."""
+    """Turn SIGTERM into a normal exit, so ``with Reader(...)`` blocks close cleanly.
+
+    It raises KeyboardInterrupt, which the framebroker command maps to exit code 0: it is the one
+    exception posix_ipc lets out of an interrupted semaphore wait (see ``fb.Reader``).
+    """
 
     def handler(signum: int, frame: Optional[FrameType]) -> None:
-        sys.exit(0)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
 

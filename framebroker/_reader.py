@@ -261,6 +261,11 @@ class Reader:
     sleeps in the kernel (no polling). If the daemon dies or restarts, the reader attaches to the
     new one by itself; sequence numbers then start again from 1. A Reader is for one thread;
     give each thread (and each forked process) its own.
+
+    Signals: Ctrl-C (KeyboardInterrupt) interrupts a wait as usual. An exception raised by any
+    other signal handler during a wait is swallowed by posix_ipc (it reports the interruption
+    instead, which the reader treats as a wake-up): have such handlers raise KeyboardInterrupt
+    or set a flag your loop checks.
     """
 
     _attachment: Optional[_Attachment] = None
@@ -664,8 +669,12 @@ class Reader:
             return
         except posix_ipc.BusyError:
             pass
+        except posix_ipc.SignalError:
+            # A signal handler ran during the wait. posix_ipc lets KeyboardInterrupt through but
+            # replaces any other exception a handler raised; treat it as a wake-up.
+            return
         except posix_ipc.Error as exc:
-            log.debug("reader %r: waiting on stream %r failed (%s); looking for its daemon", self._name, self._stream, exc)
+            log.debug("reader %r: waiting on stream %r failed (%r); looking for its daemon", self._name, self._stream, exc)
             self._orphaned = True
         if self._orphaned or not attachment.segment.owner_alive():
             if not self._orphaned:

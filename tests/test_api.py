@@ -273,3 +273,25 @@ def test_reader_does_not_survive_fork(env):
         assert os.waitstatus_to_exitcode(status) == 0
         assert not frame.released, "the child must not release the parent's lease"
         assert cam.latest(timeout=1) is frame
+
+
+def test_signal_during_a_wait_is_a_wake_up_not_a_lost_stream(env):
+    import signal
+
+    name = env.name()
+    shape = (16, 32, 3)
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    try:
+        with fb.Publisher(name, shape=shape) as pub, fb.Reader(name) as cam:
+            attachment = cam._attachment  # noqa: SLF001
+            timer = threading.Timer(0.4, lambda: pub.publish(testpattern.render(1, shape)))
+            timer.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
+            frame = cam.next(timeout=5)
+            timer.join()
+            assert fired and frame.seq == 1
+            assert cam._attachment is attachment, "an interrupted wait must not look like a dead daemon"  # noqa: SLF001
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

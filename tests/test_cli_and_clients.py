@@ -93,3 +93,14 @@ def test_help_lists_every_command(env):
     assert result.returncode == 0
     for command in ("serve", "status", "demo", "faces", "motion", "read"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", [["read"], ["faces"], ["motion"]])
+def test_clients_stop_cleanly_on_sigterm_while_waiting(env, command):
+    daemon, name = env.serve("test://", None, "--fps", "0.5")
+    client = env.cli(*command, name)
+    wait_until(lambda: describe_stream(name)["readers"], 20, "the client to attach")
+    time.sleep(0.3)
+    client.signal(signal.SIGTERM)
+    assert client.wait(timeout=5) == 0, client.output()
+    wait_until(lambda: not describe_stream(name)["readers"], 2, "the client to leave the table")
