@@ -32,8 +32,19 @@ from ._errors import (
 )
 from ._publisher import Publisher, SlotWriter
 from ._reader import Frame, Reader
+from ._status import collect as _collect
 
 __version__ = "0.1.0"
+
+
+def status(name: "str | None" = None) -> dict:
+    """What ``framebroker status --json`` prints: every stream (or only ``name``) with its readers.
+
+    The schema is documented in README.md ("Status JSON"). Works without the daemon's help and
+    when it is dead (the stream then shows ``"state": "dead"``).
+    """
+    return _collect(name)
+
 
 __all__ = [
     "AccessDenied",
@@ -55,4 +66,5 @@ __all__ = [
     "StreamNotFound",
     "TriggerError",
     "__version__",
+    "status",
 ]
