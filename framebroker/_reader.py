@@ -230,6 +230,14 @@ def _bump_table(control: Any) -> None:
     TABLE_CHANGED.pack_into(control, TABLE_CHANGED_OFFSET, (value + 1) & 0xFFFFFFFFFFFFFFFF)
 
 
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:  # also rejects NaN
+        raise ValueError(f"timeout must be >= 0 seconds (or None to wait forever), got {timeout}")
+    return float(timeout)
+
+
 _live_readers: "weakref.WeakSet[Reader]" = weakref.WeakSet()
 
 
@@ -517,7 +525,7 @@ class Reader:
         attachment = self._current()
         if mode != self._mode:
             self._set_mode(attachment, mode)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
             attachment = self._current()
             control = attachment.control

@@ -63,8 +63,13 @@ def _describe_mode(st: os.stat_result) -> str:
 def parse_static_header(raw: bytes, st: os.stat_result, path: str) -> StaticHeader:
     """Validate a header read from ``path``; raise IncompatibleSegment if it cannot be trusted."""
     remedy = f"If no framebroker daemon of another version uses it, remove it: rm {path}"
-    if len(raw) < STATIC.size or raw[:8] != MAGIC:
+    if raw[:8] != MAGIC[: len(raw[:8])] or not raw:
         raise IncompatibleSegment(f"{path} is not a framebroker ring (unknown magic). {remedy}")
+    if st.st_size < HEADER_SIZE or len(raw) < STATIC.size:
+        raise IncompatibleSegment(
+            f"{path} is truncated ({st.st_size} bytes, not even a header); framebroker never leaves one like "
+            f"that under a stream's name. Remove it: rm {path}"
+        )
     (
         _magic,
         version,
@@ -468,11 +473,6 @@ def open_segment(stream: str, *, for_status: bool = False) -> Segment:
         ) from None
     try:
         st = os.fstat(fd)
-        if st.st_size < HEADER_SIZE:
-            raise IncompatibleSegment(
-                f"{path} is truncated ({st.st_size} bytes, not even a header). "
-                f"If no daemon is starting right now, remove it: rm {path}"
-            )
         header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, path)
         if header.name != stream:
             raise IncompatibleSegment(f"{path} names stream {header.name!r}, not {stream!r}; refusing it.")
