@@ -39,6 +39,7 @@ from ._layout import (
     segment_path,
     semaphore_file_prefix,
     semaphore_name,
+    validate_stream_name,
 )
 from ._locks import ByteLocks
 
@@ -266,12 +267,13 @@ def _apply_permissions(path_or_fd: "int | str", gid: Optional[int]) -> None:
         os.chmod(path_or_fd, mode)
 
 
-def _probe_existing(stream: str, path: str) -> None:
-    """Raise if a live or untrusted object holds the name; remove it if it is a stale ring of ours."""
+def _probe_existing(stream: str, path: str) -> Optional[StaticHeader]:
+    """Raise if a live or untrusted object holds the name; remove it if it is a stale ring of ours
+    (and return its header)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        return None
     except PermissionError:
         st = os.stat(path)
         raise IncompatibleSegment(
@@ -301,8 +303,22 @@ def _probe_existing(stream: str, path: str) -> None:
             if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
                 os.unlink(path)
         remove_semaphores(stream, keep_epoch=None)
+        return header
     finally:
         os.close(fd)
+
+
+def remove_stale(stream: str) -> Optional[StaticHeader]:
+    """Remove the segment and semaphores a dead daemon left under ``stream``.
+
+    Returns the removed segment's header, or None if there was nothing. Raises StreamBusy if a
+    live daemon serves the stream and IncompatibleSegment for anything framebroker did not make:
+    neither is ever touched.
+    """
+    validate_stream_name(stream)
+    removed = _probe_existing(stream, segment_path(stream))
+    _remove_dead_drafts(stream)
+    return removed
 
 
 def remove_semaphores(stream: str, keep_epoch: Optional[int]) -> None:

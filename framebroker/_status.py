@@ -204,7 +204,10 @@ def render_table(document: dict[str, Any]) -> str:
         if stream["reason"] and state not in ("streaming",):
             state += f" ({stream['reason']})"
         if state.startswith("dead"):
-            state = f"dead: daemon pid {stream['pid']} is gone; segment left behind (a new daemon takes it over)"
+            state = (
+                f"dead: daemon pid {stream['pid']} is gone; its shared memory is left behind "
+                f"(a restarted daemon takes it over; framebroker clean {stream['name']} removes it)"
+            )
         lines.append(f"stream {stream['name']}: {state}")
         lines.append(
             f"  source {stream['source'] or '-'}   {stream['width']}x{stream['height']} {stream['format']}   "

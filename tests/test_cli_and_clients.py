@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -83,3 +84,30 @@ def test_clients_stop_cleanly_on_sigterm_while_waiting(env, command):
     client.signal(signal.SIGTERM)
     assert client.wait(timeout=5) == 0, client.output()
     wait_until(lambda: not describe_stream(name)["readers"], 2, "the client to leave the table")
+
+
+def test_clean_removes_only_what_dead_daemons_left(env):
+    dead, dead_name = env.serve()
+    live, live_name = env.serve()
+    dead.signal(signal.SIGKILL)
+    dead.wait()
+    assert shm_objects(dead_name), "a killed daemon leaves its segment (until reclaimed)"
+    foreign = env.name("foreign")
+    path = f"/dev/shm/framebroker.{foreign}"
+    with open(path, "wb") as handle:
+        handle.write(b"someone else's data")
+    try:
+        # One name at a time (a bare `framebroker clean` sweeps every stream on the machine,
+        # including other test runs' deliberately stale ones).
+        result = env.run_cli("clean", dead_name)
+        assert result.stdout == f"{dead_name}: removed (its daemon, pid {dead.pid}, is gone)\n" and result.returncode == 0
+        result = env.run_cli("clean", live_name)
+        assert result.stdout == f"{live_name}: live (daemon pid {live.pid}), left alone\n" and result.returncode == 0
+        result = env.run_cli("clean", foreign)
+        assert result.stdout.startswith(f"{foreign}: left alone: ") and "not a framebroker ring" in result.stdout
+        assert result.returncode == 1
+        assert shm_objects(dead_name) == []
+        assert describe_stream(live_name)["alive"]
+        assert open(path, "rb").read() == b"someone else's data"
+    finally:
+        os.unlink(path)
