@@ -45,7 +45,7 @@ from ._layout import (
     validate_stream_name,
 )
 from ._ring import MAX_PENDING_WAKES, READER_REFRESH
-from ._segment import Segment, create_segment, resolve_group
+from ._segment import Segment, create_segment, discard_semaphores, resolve_group
 
 DEFAULT_SLOTS = 12
 MAX_FPS = 10_000.0
@@ -244,13 +244,7 @@ class Publisher:
         self._views = []
 
     def _close_segment(self, segment: Optional[Segment], semaphores: Sequence[posix_ipc.Semaphore], unlink: bool) -> None:
-        for sem in semaphores:
-            if unlink:
-                try:
-                    sem.unlink()
-                except posix_ipc.ExistentialError:
-                    pass
-            sem.close()
+        discard_semaphores(semaphores, unlink)
         if segment is not None:
             if unlink and segment.still_named():
                 try:

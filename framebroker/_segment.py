@@ -337,6 +337,20 @@ def remove_semaphores(stream: str, keep_epoch: Optional[int]) -> None:
                 pass
 
 
+def discard_semaphores(semaphores: "list[posix_ipc.Semaphore] | tuple", unlink: bool) -> None:
+    """Close (and optionally unlink) a stream's semaphores; already-removed ones are fine."""
+    for sem in semaphores:
+        if unlink:
+            try:
+                sem.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+        try:
+            sem.close()
+        except posix_ipc.Error:
+            pass
+
+
 def _remove_dead_drafts(stream: str) -> None:
     """Remove half-built segments left by a daemon that died while creating one."""
     prefix = f"{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}new."
@@ -443,12 +457,7 @@ def create_segment(
             os.close(named)
         return segment, semaphores
     except BaseException:
-        for sem in semaphores:
-            try:
-                sem.unlink()
-            except posix_ipc.ExistentialError:
-                pass
-            sem.close()
+        discard_semaphores(semaphores, unlink=True)
         if segment is not None:
             segment.close()
         else:
