@@ -403,7 +403,8 @@ class Publisher:
         seq = self._seq + 1
         control = self._control
         shape = self._shape
-        wall = time.time()
+        # The capture instant on the wall clock, so wall_time and timestamp_ns name the same moment.
+        wall = time.time() - (time.monotonic_ns() - timestamp_ns) / 1e9
         META.pack_into(
             control,
             self._layout.meta(slot),

@@ -78,6 +78,11 @@ class Frame:
     held frame goes first), or by ``Reader.close()``. After that, ``array`` raises
     ``FrameReleased``; a view you kept from before may then change, so ``copy()`` what you keep.
 
+    ``seq`` counts captured frames from 1 for the daemon's life (a gap is a frame this reader did
+    not see); ``timestamp_ns`` is the capture time on CLOCK_MONOTONIC (the driver's where it gives
+    one, comparable with ``time.monotonic_ns()``); ``wall_time`` is the same instant in epoch
+    seconds; ``shape`` and ``format`` ("bgr", "rgb" or "gray") describe the pixels.
+
     ``torch.from_numpy(frame.array)`` shares the memory without copying. PyTorch warns that the
     array is not writable: the tensor must be treated as read-only too (an in-place op on it
     would fault); ``.clone()`` it to modify it.
