@@ -8,7 +8,6 @@ import logging
 import time
 from fractions import Fraction
 
-import numpy as np
 import pytest
 
 import framebroker as fb
@@ -19,7 +18,7 @@ from conftest import wait_until
 
 av = pytest.importorskip("av")
 
-from framebroker.clients.recorder import encoders, outputs, packets, recorder, selection  # noqa: E402
+from framebroker.clients.recorder import outputs, packets, recorder, selection  # noqa: E402
 from framebroker.clients.recorder.encoders import AUTO_ORDER, ENCODERS, Encoder, EncoderSettings, EncoderSpec  # noqa: E402
 from framebroker.clients.recorder.packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo  # noqa: E402
 

@@ -62,6 +62,16 @@ def _positive(what: str, low: float = 0.0, integer: bool = False):  # type: igno
     return parse
 
 
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--wait must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--wait must be >= 0 seconds, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="stream to record")
     parser.add_argument(
@@ -89,13 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queue",
         type=_positive("--queue", 0, integer=True),
-        default=15,
         metavar="FRAMES",
-        help="frames buffered in front of the encoder; beyond that frames are dropped and counted (default 15)",
+        help="frames buffered in front of the encoder; beyond that frames are dropped and counted "
+        "(default: 0.4 s of frames, at most 30)",
     )
     parser.add_argument(
         "--wait",
-        type=_positive("--wait", -1e-9),
+        type=_seconds_or_zero,
         default=10.0,
         metavar="S",
         help="wait up to S seconds for the stream to appear (default 10)",

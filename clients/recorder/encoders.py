@@ -279,6 +279,10 @@ class PyAVEncoder(Encoder):
     def _hand_on(self, packet: Any) -> None:
         pts = packet.pts
         stamp = self._pending.pop(pts, None)
+        # Nothing reorders here, so a frame older than this packet will never come back (an
+        # encoder may drop frames): forget it.
+        for stale in [key for key in self._pending if key < pts]:
+            del self._pending[stale]
         frames = (stamp,) if stamp is not None else ()
         dts = packet.dts if packet.dts is not None else pts
         self._emit(EncodedPacket(bytes(packet), pts, dts, bool(packet.is_keyframe), frames))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import enum
 import logging
-import os
 import queue
 import re
 import shutil

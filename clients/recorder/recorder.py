@@ -34,7 +34,7 @@ import framebroker as fb
 
 from .encoders import Encoder, EncoderSettings, EncoderSpec
 from .outputs import Output
-from .packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo, pts_from_ns
+from .packets import FrameStamp, PacketRouter, StreamInfo, pts_from_ns
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -46,6 +46,11 @@ INFO_PERIOD = 0.5
 RATE_SAMPLE_FRAMES = 6
 RATE_SAMPLE_SECONDS = 0.3
 DEFAULT_FPS = 30.0
+# Without --queue, the queue holds this much video: with the encoder behind, kill -9 then still
+# loses at most about this much (plus the packet being written), and a short hiccup drops nothing.
+QUEUE_SECONDS = 0.4
+QUEUE_MAX_FRAMES = 30
+QUEUE_FIRST_FRAMES = 12  # until the stream's rate is known
 _SENTINEL = None
 
 
@@ -55,7 +60,7 @@ class RecorderOptions:
     text: Optional[str] = None
     clock: bool = False
     bitrate_kbps: Optional[int] = None  # None: about 0.1 bit per pixel at the stream's rate
-    queue_frames: int = 15
+    queue_frames: Optional[int] = None  # None: QUEUE_SECONDS of frames at the stream's rate
     keyframe_interval: Fraction = Fraction(1)
 
 
@@ -162,7 +167,7 @@ class Recorder:
         output_label: str = "",
         router: Optional[PacketRouter] = None,
     ) -> None:
-        if options.queue_frames < 1:
+        if options.queue_frames is not None and options.queue_frames < 1:
             raise ValueError(f"the queue must hold at least 1 frame, got {options.queue_frames}")
         self.reader = reader
         self.spec = encoder
@@ -176,7 +181,10 @@ class Recorder:
         self.end_reason = ""
         self.error: Optional[BaseException] = None
         self.encoder: Optional[Encoder] = None
-        self._queue: "queue.Queue[Optional[CapturedFrame]]" = queue.Queue(maxsize=options.queue_frames)
+        # Unbounded as a container; the reader thread (its only producer) enforces queue_limit,
+        # which the encode thread lowers once it knows the stream's rate.
+        self._queue: "queue.Queue[Optional[CapturedFrame]]" = queue.Queue()
+        self.queue_limit = options.queue_frames or QUEUE_FIRST_FRAMES
         self._stop = threading.Event()
         self._done = threading.Event()
         self._encoder_failed = threading.Event()
@@ -246,9 +254,9 @@ class Recorder:
                     captured = CapturedFrame(frame.copy(), frame.seq, frame.timestamp_ns, frame.wall_time, frame.format)
                 stats.frames_read += 1
                 stats.last_timestamp_ns = captured.timestamp_ns
-                try:
+                if self._queue.qsize() < self.queue_limit:
                     self._queue.put_nowait(captured)
-                except queue.Full:
+                else:
                     stats.queue_dropped += 1
                 stats.queue_depth = self._queue.qsize()
                 self._publish_info()
@@ -259,14 +267,9 @@ class Recorder:
             self.request_stop("reading failed")
         finally:
             self._publish_info(force=True)
-            # The encode thread drains what is queued, then ends at the sentinel. It is always
-            # taking frames, so this wait is short, unless it died (then nobody needs the sentinel).
-            while not self._encoder_failed.is_set():
-                try:
-                    self._queue.put(_SENTINEL, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            # The encode thread drains what is queued, then ends at the sentinel.
+            if not self._encoder_failed.is_set():
+                self._queue.put(_SENTINEL)
             try:
                 self.reader.close()
             except Exception as exc:
@@ -332,7 +335,7 @@ class Recorder:
         """The first few frames (held back at most RATE_SAMPLE_SECONDS) to measure the rate."""
         batch: list[Optional[CapturedFrame]] = [first]
         deadline = time.monotonic() + RATE_SAMPLE_SECONDS
-        limit = min(RATE_SAMPLE_FRAMES, max(1, self.options.queue_frames // 2))
+        limit = min(RATE_SAMPLE_FRAMES, max(1, self.queue_limit // 2))
         while len(batch) < limit:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -366,6 +369,8 @@ class Recorder:
         self._geometry = (height - height % 2, width - width % 2)
         self._pixel_format = first.pixel_format
         fps = self._measure_fps(batch)
+        if self.options.queue_frames is None:
+            self.queue_limit = min(QUEUE_MAX_FRAMES, max(2, round(QUEUE_SECONDS * fps)))
         bitrate = self.options.bitrate_kbps or default_bitrate_kbps(self._geometry[1], self._geometry[0], fps)
         settings = EncoderSettings(
             width=self._geometry[1],
@@ -439,4 +444,4 @@ def _convert(image: np.ndarray, source: str, target: str) -> np.ndarray:
     return cv2.cvtColor(image, codes[(source, target)])
 
 
-__all__ = ["CapturedFrame", "EncodedPacket", "KeyframeClock", "Recorder", "RecorderOptions", "Stats", "default_bitrate_kbps", "draw_overlays"]
+__all__ = ["CapturedFrame", "KeyframeClock", "Recorder", "RecorderOptions", "Stats", "default_bitrate_kbps", "draw_overlays"]

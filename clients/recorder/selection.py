@@ -48,6 +48,7 @@ def probe_encoder(spec: EncoderSpec, timeout: float = PROBE_TIMEOUT) -> Optional
                 encoder.encode(testpattern.render(n, PROBE_SHAPE), FrameStamp(n, stamp_ns, 0.0, pts_from_ns(stamp_ns)), keyframe=n == 1)
             encoder.stop()
         except Exception as exc:
+            encoder.abort()
             outcome.append(str(exc) or type(exc).__name__)
             return
         if not packets:
