@@ -305,7 +305,11 @@ def test_a_slow_encoder_drops_at_the_queue_and_never_stalls_the_reader(env):
     with fb.Publisher(name, shape=SHAPE, fps=50) as pub:
         reader = fb.Reader(name, name="recorder")
         rec = recorder.Recorder(reader, spec, [collect], recorder.RecorderOptions(queue_frames=4))
+        assert rec.state is recorder.RecorderState.NEW
         rec.start()
+        assert rec.state is recorder.RecorderState.RECORDING
+        with pytest.raises(ValueError, match="already started"):
+            rec.start()
         wait_until(lambda: any(r["mode"] == "ordered" for r in describe_stream(name)["readers"]), 10, "ordered reading")
         stamps = {}
         next_time = time.monotonic()
@@ -317,6 +321,7 @@ def test_a_slow_encoder_drops_at_the_queue_and_never_stalls_the_reader(env):
         wait_until(lambda: rec.stats.frames_read == 100, 10, "the reader to take all 100 frames")
         rec.request_stop()
         assert rec.wait(10)
+        assert rec.state is recorder.RecorderState.STOPPED and rec.end_reason == "stopped"
     stats = rec.stats
     assert rec.error is None
     assert stats.ring_dropped == 0, "the reader fell behind the ring"

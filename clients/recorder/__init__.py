@@ -149,10 +149,24 @@ def _build_output(args: argparse.Namespace) -> Output:
     return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep)
 
 
-def _progress_line(stats: Stats, written: int) -> str:
+class _Rate:
+    """Frames per second written over the last progress period."""
+
+    def __init__(self) -> None:
+        self.mark = (time.monotonic(), 0)
+        self.value = 0.0
+
+    def update(self, written: int) -> float:
+        now = time.monotonic()
+        then, before = self.mark
+        if now - then >= PROGRESS_PERIOD / 2:
+            self.value = (written - before) / (now - then)
+            self.mark = (now, written)
+        return self.value
+
+
+def _progress_line(stats: Stats, written: int, rate: float) -> str:
     seconds = stats.recorded_seconds
-    elapsed = time.monotonic() - stats.started
-    rate = written / elapsed if elapsed > 0 else 0.0
     minutes, secs = divmod(seconds, 60)
     return (
         f"\rrecording {int(minutes):02d}:{secs:04.1f}  {rate:5.1f} fps  {written} frames  "
@@ -197,11 +211,13 @@ def main(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     interactive = sys.stdout.isatty()
+    rate = _Rate()
     try:
         recorder.start()
         while not recorder.wait(PROGRESS_PERIOD):
             if interactive:
-                sys.stdout.write(_progress_line(recorder.stats, recorder.router.frames))
+                written = recorder.router.frames
+                sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)))
                 sys.stdout.flush()
             if recorder.end_reason and not recorder.wait(STOP_TIMEOUT):
                 raise fb.FrameBrokerError(
@@ -211,7 +227,8 @@ def main(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if interactive:
-        sys.stdout.write(_progress_line(recorder.stats, recorder.router.frames) + "\n")
+        written = recorder.router.frames
+        sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)) + "\n")
     stats = recorder.stats
     encode_ms = stats.encode_ms_median
     files = ""

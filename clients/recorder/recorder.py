@@ -17,6 +17,7 @@ Counters are plain ints, each written by one thread and read by the others.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import queue
@@ -155,6 +156,13 @@ class KeyframeClock:
         return False
 
 
+class RecorderState(enum.Enum):
+    NEW = "new"
+    RECORDING = "recording"
+    STOPPING = "stopping"  # asked to stop (or --duration, or the stream ended): draining and closing
+    STOPPED = "stopped"  # everything written and closed; see ``error``
+
+
 class Recorder:
     """Records one stream: start(), then request_stop() (or --duration, or the stream's end), wait()."""
 
@@ -189,16 +197,26 @@ class Recorder:
         self._done = threading.Event()
         self._encoder_failed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
         self._started = False
         self._last_pts = -1
         self._info_due = 0.0
 
     # --- control ---------------------------------------------------------------------------------
 
+    @property
+    def state(self) -> RecorderState:
+        if self._done.is_set():
+            return RecorderState.STOPPED
+        if self._stop.is_set():
+            return RecorderState.STOPPING
+        return RecorderState.RECORDING if self._started else RecorderState.NEW
+
     def start(self) -> None:
-        if self._started:
-            raise ValueError("the recorder was already started")
-        self._started = True
+        with self._lock:
+            if self._started:
+                raise ValueError(f"the recorder was already started ({self.state.value})")
+            self._started = True
         reader = threading.Thread(target=self._read_loop, name="recorder-read", daemon=True)
         encoder = threading.Thread(target=self._encode_loop, name="recorder-encode", daemon=True)
         self._threads = [reader, encoder]
@@ -206,6 +224,8 @@ class Recorder:
         reader.start()
 
     def request_stop(self, reason: str = "stopped") -> None:
+        """Finish the recording: frames already queued are still encoded and written. Safe from
+        any thread and from a signal handler; the first reason given is kept."""
         if not self._stop.is_set():
             self.end_reason = self.end_reason or reason
             self._stop.set()
@@ -444,4 +464,4 @@ def _convert(image: np.ndarray, source: str, target: str) -> np.ndarray:
     return cv2.cvtColor(image, codes[(source, target)])
 
 
-__all__ = ["CapturedFrame", "KeyframeClock", "Recorder", "RecorderOptions", "Stats", "default_bitrate_kbps", "draw_overlays"]
+__all__ = ["CapturedFrame", "KeyframeClock", "Recorder", "RecorderOptions", "RecorderState", "Stats", "default_bitrate_kbps", "draw_overlays"]
