@@ -28,6 +28,7 @@ CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
     "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
     "read": ("plain_reader", "plain reader: prints seq, timestamp, fps and gaps of the frames it gets"),
+    "record": ("recorder", "recorder: H.264 in MPEG-TS with true timestamps, to a file, segments, UDP or SRT"),
 }
 
 
