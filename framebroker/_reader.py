@@ -31,6 +31,8 @@ from ._layout import (
     ENTRY_PROGRESS_OFFSET,
     ENTRY_RATE,
     ENTRY_RATE_OFFSET,
+    COUNTERS,
+    COUNTERS_OFFSET,
     GEOMETRY,
     GEOMETRY_OFFSET,
     STATE,
@@ -179,6 +181,32 @@ class Frame:
             f"<Frame {self.stream!r} seq={self.seq} {self.shape[1]}x{self.shape[0]} {self.format} "
             f"t={self.timestamp_ns} dropped={self.dropped} {state}>"
         )
+
+
+class FrameIterator:
+    """Iterator over a Reader's frames (``for frame in reader``, ``reader.ordered()``).
+
+    Unlike a generator it survives exceptions: after ``FrameTimeout`` the next ``next()`` waits
+    again. It stops when the stream ends (``SourceEnded``).
+    """
+
+    __slots__ = ("_reader", "_mode", "_timeout")
+
+    def __init__(self, reader: "Reader", mode: int, timeout: Optional[float]) -> None:
+        if timeout is not None:
+            _check_timeout(timeout)
+        self._reader = reader
+        self._mode = mode
+        self._timeout = timeout
+
+    def __iter__(self) -> "FrameIterator":
+        return self
+
+    def __next__(self) -> Frame:
+        try:
+            return self._reader._get(self._mode, self._timeout)
+        except SourceEnded:
+            raise StopIteration from None
 
 
 class _Attachment:
@@ -514,21 +542,21 @@ class Reader:
 
     def __iter__(self) -> Iterator[Frame]:
         """Fresh frames forever (repeated ``next()``); ends only when the stream ends."""
-        while True:
-            try:
-                yield self._get(ReaderMode.NEXT, None)
-            except SourceEnded:
-                return
+        return FrameIterator(self, ReaderMode.NEXT, None)
 
-    def ordered(self, timeout: Optional[float] = None) -> Iterator[Frame]:
+    def ordered(self, timeout: Optional[float] = None) -> "FrameIterator":
         """Every frame in order, starting with the newest; ``frame.dropped`` counts frames missed
-        since the previous one. ``timeout`` bounds each wait (``FrameTimeout``). Ends when the
-        stream ends."""
-        while True:
-            try:
-                yield self._get(ReaderMode.ORDERED, timeout)
-            except SourceEnded:
-                return
+        since the previous one. ``timeout`` bounds each wait: ``next()`` on the iterator raises
+        ``FrameTimeout`` and the iterator stays usable. Iteration ends when the stream ends."""
+        return FrameIterator(self, ReaderMode.ORDERED, timeout)
+
+    @property
+    def fps(self) -> float:
+        """The stream's frame rate: the one configured for the source, else the measured one
+        (0.0 while unknown)."""
+        attachment = self._current()
+        configured, measured = COUNTERS.unpack_from(attachment.control, COUNTERS_OFFSET)[:2]  # type: ignore[arg-type]
+        return float(configured or measured)
 
     def _get(self, mode: int, timeout: Optional[float]) -> Frame:
         attachment = self._current()
