@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import time
 
 import framebroker as fb
@@ -28,9 +29,11 @@ def _seq_rate(name: str, seconds: float) -> float:
     return (end["seq"] - start["seq"]) / seconds
 
 
-def test_chaos(env):
+def test_chaos(env, tmp_path):
     rng = random.Random(20261121)
     daemon, name = env.serve("test://", None, "--fps", str(FPS), "--slots", str(SLOTS), "--width", "320", "--height", "240")
+    recording = tmp_path / "chaos.ts"
+    recorder = env.cli("record", name, "-o", str(recording), "--reader-name", "recorder")
     survivors = [
         env.spawn(
             [*env.worker_argv("survive", name), "--seconds", "600", "--mode", mode, "--name", f"survivor-{mode}"],
@@ -40,6 +43,7 @@ def test_chaos(env):
     ]
     for survivor in survivors:
         survivor.wait_event("progress")
+    wait_until(lambda: recording.exists() and recording.stat().st_size > 0, 20, "the recorder to write")
 
     # 1. A hundred readers killed with SIGKILL at random moments: while attaching, while holding
     #    frames (hold=2, a lease on two slots), in the middle of taking or releasing one.
@@ -97,12 +101,18 @@ def test_chaos(env):
         assert last["restarts_seen"] >= 1, last
         assert survivor.popen.poll() is None, survivor.output()
 
+    # ... the recorder too ...
+    size = recording.stat().st_size
+    wait_until(lambda: recording.stat().st_size > size, 10, "the recorder to go on writing")
+    assert recorder.popen.poll() is None, recorder.output()
+
     # ... the table holds exactly the live readers ...
-    info = wait_until(lambda: (lambda i: i if len(i["readers"]) == len(survivors) else None)(describe_stream(name)), 5, "only survivors in the table")
-    assert sorted(r["name"] for r in info["readers"]) == sorted(f"survivor-{m}" for m in ("latest", "next", "ordered"))
+    expected = sorted([f"survivor-{m}" for m in ("latest", "next", "ordered")] + ["recorder"])
+    info = wait_until(lambda: (lambda i: i if len(i["readers"]) == len(expected) else None)(describe_stream(name)), 5, "only survivors in the table")
+    assert sorted(r["name"] for r in info["readers"]) == expected
 
     # ... and no slot leaked: the rest of the hold budget is available and holds intact frames.
-    room = SLOTS - 2 - len(survivors)
+    room = SLOTS - 2 - len(expected)
     with fb.Reader(name, name="capacity-check", hold=room) as cam:
         held = [cam.next(timeout=5) for _ in range(room)]
         assert len({f.seq for f in held}) == room
@@ -110,6 +120,17 @@ def test_chaos(env):
 
     for survivor in survivors:
         survivor.stop()
+    # The recording went through three daemon restarts and still decodes without an error.
+    recorder.signal(signal.SIGINT)
+    assert recorder.wait(timeout=30) == 0, recorder.output()
+    # passthrough: the file's timing is the capture times (variable rate), not a fixed frame rate.
+    decoded = subprocess.run(
+        ["ffmpeg", "-v", "error", "-xerror", "-i", str(recording), "-fps_mode", "passthrough", "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert decoded.returncode == 0 and not decoded.stderr.strip(), decoded.stderr
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0
     # env's teardown asserts nothing of this stream is left in /dev/shm.
