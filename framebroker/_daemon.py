@@ -115,6 +115,7 @@ class Daemon:
                 f"{source.fps:g}" if source.fps else "unknown",
             )
             publisher.set_geometry(source.shape, self.pixel_format)
+            publisher.set_fps(source.fps)
             try:
                 self._pump(publisher)
                 backoff = BACKOFF_FIRST
