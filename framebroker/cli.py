@@ -12,6 +12,8 @@ import importlib
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -177,19 +179,55 @@ def _status(args: argparse.Namespace) -> int:
         if args.name is not None and document["streams"][0]["state"] in ("absent", "incompatible", "no-access"):
             return EXIT_FAILURE
         return EXIT_OK
-    interactive = sys.stdout.isatty()
+    _exit_on_sigterm()
+    if args.json:
+        # One compact document per line whatever stdout is, so a log or `jq` can follow it.
+        while True:
+            print(json.dumps(collect(args.name)), flush=True)
+            time.sleep(args.interval)
+    if sys.stdout.isatty():
+        return _watch_in_place(args)
+    # Not a terminal (a pipe, a log file): cursor movements would be garbage there, so each
+    # refresh is appended under a time stamp instead.
+    while True:
+        sys.stdout.write(time.strftime("--- %H:%M:%S framebroker status\n") + render_table(collect(args.name)) + "\n")
+        sys.stdout.flush()
+        time.sleep(args.interval)
+
+
+def _watch_in_place(args: argparse.Namespace) -> int:
+    """Redraw the status table over itself until Ctrl-C, like top(1)."""
+    from ._status import collect, render_table
+
+    out = sys.stdout
+    out.write("\x1b[?25l\x1b[H\x1b[2J")  # hide the cursor; clear the screen once
     try:
         while True:
-            document = collect(args.name)
-            text = json.dumps(document) + "\n" if args.json else render_table(document)
-            if interactive and not args.json:
-                sys.stdout.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  framebroker status (Ctrl-C to quit)\n\n") + text)
-            else:
-                sys.stdout.write(text)
-            sys.stdout.flush()
+            size = shutil.get_terminal_size()
+            text = time.strftime("%H:%M:%S  framebroker status (Ctrl-C to quit)\n\n") + render_table(collect(args.name))
+            rows: list[str] = []
+            for line in text.splitlines():
+                # Wrap by hand so the row count is exact: the redraw must cover the screen's rows.
+                rows.extend(line[start : start + size.columns] for start in range(0, max(len(line), 1), size.columns))
+            if len(rows) >= size.lines:
+                hidden = len(rows) - size.lines + 2
+                rows = rows[: size.lines - 2] + [f"... {hidden} more lines: enlarge the terminal or name one stream"]
+            # Home, each row cleared to its end, then everything below: no full clear, no flicker.
+            out.write("\x1b[H" + "".join(row + "\x1b[K\n" for row in rows) + "\x1b[J")
+            out.flush()
             time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return EXIT_OK
+    finally:
+        out.write("\x1b[?25h")
+        out.flush()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends a long-running command like Ctrl-C does (exit 0, terminal restored)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _demo(args: argparse.Namespace) -> int:
