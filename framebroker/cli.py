@@ -116,6 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=float_in(0.05, 3600, "--interval"), default=1.0, help="seconds between --watch refreshes")
 
+    check = commands.add_parser(
+        "check",
+        help="self-check: do frames flow from a source or stream? fps, frame age, a snapshot",
+        description=(
+            "Open SOURCE directly (test://, a file, /dev/video0, csi://0, rtsp://..., as framebroker serve would; "
+            "the camera must be free) or attach to the stream NAME a daemon serves, measure resolution, real fps "
+            "against the configured rate, frame age and dropped frames for a few seconds, save one snapshot and "
+            "print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
+        ),
+    )
+    check.add_argument("target", metavar="SOURCE|NAME", help="a source URI or path, or the name of a served stream")
+    check.add_argument("--seconds", type=float_in(0, 3600, "--seconds"), default=3.0, help="how long to measure once frames flow (default 3)")
+    check.add_argument(
+        "--timeout", type=float_in(0, 3600, "--timeout"), default=10.0, help="fail if no frame arrives within this many seconds (default 10)"
+    )
+    check.add_argument("-o", "--output", metavar="FILE", help="snapshot file, .jpg or .png (default: a new file in the temp directory)")
+    add_geometry_options(check)
+    check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
+
     demo = commands.add_parser(
         "demo",
         help="run a test:// daemon with the example consumers and a live status summary",
@@ -230,6 +249,85 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _check(args: argparse.Namespace) -> int:
+    from ._check import IMAGE_EXTENSIONS, CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, save_image, summarize
+
+    if args.output and not args.output.lower().endswith(IMAGE_EXTENSIONS):
+        raise UsageError(f"--output {args.output!r}: the snapshot file name must end in .jpg, .jpeg or .png")
+    source_options = [flag for flag in ("width", "height", "fps", "format") if getattr(args, flag) is not None]
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        target = resolve_target(args.target)
+        if target.kind == "stream":
+            if source_options:
+                raise UsageError(
+                    f"--{', --'.join(source_options)} {'apply' if len(source_options) > 1 else 'applies'} only to a SOURCE; "
+                    f"stream {target.text!r} already has its geometry "
+                    "(set it on framebroker serve)"
+                )
+            if target.note:
+                say(f"note: {target.text!r} is a stream {target.note}")
+            report = check_stream(target.text, seconds=args.seconds, timeout=args.timeout, say=say)
+        else:
+            try:
+                report = check_source(
+                    target.text,
+                    seconds=args.seconds,
+                    timeout=args.timeout,
+                    width=args.width,
+                    height=args.height,
+                    fps=args.fps,
+                    pixel_format=args.format or "bgr",
+                    say=say,
+                )
+            except (ValueError, TypeError) as exc:
+                raise UsageError(str(exc)) from None
+    except CheckFailed as exc:
+        say(f"FAIL: {exc}{_busy_hint(args.target)}")
+        return EXIT_FAILURE
+    snapshot_error = ""
+    snapshot: "str | None" = args.output or default_snapshot_path(report.label)
+    try:
+        save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
+        snapshot = None
+    flowing, warnings = summarize(report, snapshot, say=say)
+    for warning in warnings:
+        say(f"  warning: {warning}")
+    if not flowing:
+        say(f"FAIL: no frame from {report.label}: {report.ended or 'nothing arrived'}")
+        return EXIT_FAILURE
+    if snapshot_error:
+        say(f"FAIL: frames flow from {report.label}, but {snapshot_error}. Choose a writable file with -o")
+        return EXIT_FAILURE
+    height, width = report.shape[:2]
+    extra = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''} above)" if warnings else ""
+    say(f"OK: frames flow from {report.label}: {width}x{height} at {report.measured_fps():.1f} fps{extra}")
+    return EXIT_OK
+
+
+def _busy_hint(target: str) -> str:
+    """A failed source check may fail only because a daemon holds the camera: say which one."""
+    from ._status import collect
+    from .sources import parse_source
+
+    try:
+        display = parse_source(target).display
+    except (ValueError, TypeError):
+        return ""
+    for stream in collect()["streams"]:
+        if stream.get("alive") and stream.get("source") == display:
+            return (
+                f". Note: stream {stream['name']!r} (daemon pid {stream['pid']}) serves this source and may hold the "
+                f"device; check the stream instead: framebroker check {stream['name']}"
+            )
+    return ""
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -245,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "check":
+            return _check(args)
         if args.command == "demo":
             return _demo(args)
         client = importlib.import_module(f"framebroker.clients.{args.client_module}")
