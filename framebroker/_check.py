@@ -123,7 +123,9 @@ def save_image(image: np.ndarray, pixel_format: str, path: str, quality: int = 9
     try:
         with os.fdopen(handle, "wb") as output:
             output.write(encoded.tobytes())
-        os.chmod(temporary, 0o644)
+        umask = os.umask(0o077)  # read it back (there is no other way), then restore it
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would have made it: mkstemp makes 0600
         os.replace(temporary, path)
     except BaseException:
         try:

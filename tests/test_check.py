@@ -93,3 +93,38 @@ def test_check_usage_errors(env):
     assert result.returncode == 2 and "unknown source scheme" in result.stderr
     result = env.run_cli("check", "test://", "-o", "frame.gif")
     assert result.returncode == 2 and "must end in .jpg, .jpeg or .png" in result.stderr
+
+
+# --- framebroker snapshot ------------------------------------------------------------------------
+
+
+def test_snapshot_saves_the_current_frame_as_jpeg_and_png(env, tmp_path):
+    daemon, name = env.serve("test://", None, "--fps", "15")
+    numbers = []
+    for file_name in ("now.jpg", "now.png"):
+        path = tmp_path / file_name
+        result = env.run_cli("snapshot", name, "-o", str(path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(rf"snapshot: saved {re.escape(str(path))} \(640x480 bgr, seq \d+, \d+ ms old\)", result.stdout)
+        numbers.append(assert_test_picture(str(path)))
+        assert (path.read_bytes()[:4] == b"\x89PNG") == file_name.endswith(".png")
+    assert numbers[1] > numbers[0], "each snapshot is the current frame"
+    assert sorted(os.listdir(tmp_path)) == ["now.jpg", "now.png"], "no temporary files left behind"
+
+
+def test_snapshot_fails_clearly_without_a_fresh_frame(env, tmp_path):
+    out = tmp_path / "never.jpg"
+    name = env.name()
+    result = env.run_cli("snapshot", name, "-o", str(out))
+    assert result.returncode == 1 and f"no stream {name!r}: nothing serves it" in result.stderr
+
+    missing = tmp_path / "gone.mp4"
+    daemon, name = env.serve(str(missing), None, wait=False)
+    wait_until(lambda: describe_stream(name).get("alive"), 20, "the daemon to come up")
+    result = env.run_cli("snapshot", name, "-o", str(out), "--timeout", "1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "snapshot: no fresh frame within 1 s" in result.stderr and f"file not found: {missing}" in result.stderr
+    assert not out.exists()
+
+    result = env.run_cli("snapshot", name, "-o", str(tmp_path / "frame.bmp"))
+    assert result.returncode == 2 and "must end in .jpg, .jpeg or .png" in result.stderr
