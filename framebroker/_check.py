@@ -230,7 +230,9 @@ def check_source(
         report.notes.append("the source did not close within 5 s after the check (a driver call that hangs)")
     period_ns = 1e9 / report.configured_fps if report.configured_fps else 0.0
     stamps = [s.captured_ns for s in report.samples if s.captured_ns is not None]
-    if period_ns and len(stamps) > 1:
+    if not source.may_drop_frames:
+        report.dropped_how = f"{spec.kind} frames are made on a schedule: a late one is late, not lost"
+    elif period_ns and len(stamps) > 1:
         # The daemon's rule: a gap of more than 1.5 frame periods between capture times is
         # frames the source lost.
         report.dropped = sum(round((b - a) / period_ns) - 1 for a, b in zip(stamps, stamps[1:]) if b - a > 1.5 * period_ns)
