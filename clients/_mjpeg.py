@@ -168,7 +168,9 @@ class JpegHub:
                     reader = None
                     continue
                 last_frame_at = time.monotonic()
-                next_frame_at = last_frame_at + self.min_interval
+                # On a fixed schedule, not "interval after this frame": the wait for the next
+                # frame would otherwise add up to a frame period to every interval.
+                next_frame_at = max(next_frame_at + self.min_interval, last_frame_at - self.min_interval)
                 with self._condition:
                     watched = self._viewers > 0
                 if not watched:  # the last viewer left while we waited for this frame
