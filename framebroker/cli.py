@@ -1,7 +1,7 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
+record, snapshot, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
 only the public API; they are imported only when their command runs.
 """
 

@@ -89,6 +89,8 @@ def test_check_of_a_stream_without_frames_says_why(env, tmp_path):
 
 
 def test_check_usage_errors(env):
+    listing = env.run_cli("--help").stdout
+    assert all(command in listing for command in ("check", "snapshot", "view"))
     result = env.run_cli("check", "ftp://camera")
     assert result.returncode == 2 and "unknown source scheme" in result.stderr
     result = env.run_cli("check", "test://", "-o", "frame.gif")
