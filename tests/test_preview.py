@@ -179,9 +179,9 @@ def locate_picture(page: np.ndarray) -> tuple[int, int, int]:
                     return np.abs(crop.astype(np.int16) - expected).mean() if crop.shape == FRAME else 255.0
 
                 dx, dy = min(offsets, key=mismatch)
-                assert mismatch((dx, dy)) < 4, f"the picture at {x + dx},{y + dy} is not frame {number} shown 1:1"
-                return x + dx, y + dy, number
-    raise AssertionError("no test:// picture on the page")
+                if mismatch((dx, dy)) < 4:  # else a lookalike: keep looking
+                    return x + dx, y + dy, number
+    raise AssertionError("no test:// picture shown 1:1 near the page's top left")
 
 
 def test_page_in_headless_chromium_shows_the_live_picture_and_the_status(env, tmp_path):
