@@ -54,8 +54,9 @@ class JpegHub:
     # --- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the reader thread (idle until a viewer comes). Safe to call twice."""
         if self._thread is not None:
-            raise RuntimeError("JpegHub already started")
+            return
         self._thread = threading.Thread(target=self._run, name="framebroker-view-encoder", daemon=True)
         self._thread.start()
 
