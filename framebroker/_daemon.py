@@ -16,7 +16,9 @@ from types import FrameType
 from typing import Optional
 
 from ._errors import SourceEnded, SourceError
-from ._publisher import DEFAULT_SLOTS, Publisher
+from ._layout import RingLayout
+from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
+from ._segment import resolve_group
 from ._status import describe_readers
 from .sources import GeometryChanged, Source, make_source, parse_source
 
@@ -46,6 +48,11 @@ class Daemon:
         self.source: Source = make_source(
             self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop
         )
+        # Everything that can be wrong with the arguments is found here, before anything starts,
+        # so the CLI can report it as a usage error (exit 2).
+        check_shape(self.source.provisional_shape(), pixel_format)
+        RingLayout.compute(slots, 0)
+        resolve_group(group)
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots

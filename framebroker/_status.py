@@ -212,7 +212,8 @@ def state_line(stream: dict[str, Any], now: Optional[float] = None) -> str:
     if state == "dead":
         return (
             f"dead: its daemon (pid {stream['pid']}) is gone, last frame {_age(stream['last_frame_age_s'])} ago; "
-            f"shown from the segment it left behind, which the next framebroker serve ... --name {stream['name']} takes over"
+            f"shown from the shared memory it left behind (a restarted daemon takes it over; "
+            f"framebroker clean {stream['name']} removes it)"
         )
     since = stream.get("state_since") or 0.0
     now = time.time() if now is None else now

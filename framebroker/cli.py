@@ -137,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_options(check)
     check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
 
+    clean = commands.add_parser(
+        "clean",
+        help="remove the shared memory that dead daemons left behind (never a live stream's)",
+        description="Remove segments and semaphores left in /dev/shm by daemons that died (kill -9, crash, "
+        "power loss of a container). Live streams and objects framebroker did not create are left alone. "
+        "A restarted daemon reclaims its own stream by itself; this is for streams that will not come back.",
+    )
+    clean.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
+
     demo = commands.add_parser(
         "demo",
         help="run a test:// daemon with the example consumers and a live status summary",
@@ -330,6 +339,31 @@ def _busy_hint(target: str) -> str:
     return ""
 
 
+def _clean(args: argparse.Namespace) -> int:
+    from ._errors import IncompatibleSegment, StreamBusy
+    from ._segment import list_stream_names, remove_stale
+
+    names = [args.name] if args.name else list_stream_names()
+    failed = False
+    for name in names:
+        try:
+            header = remove_stale(name)
+        except StreamBusy as exc:
+            print(f"{name}: live (daemon pid {exc.pid}), left alone")
+            continue
+        except (IncompatibleSegment, OSError) as exc:
+            print(f"{name}: left alone: {exc}")
+            failed = True
+            continue
+        if header is None:
+            print(f"{name}: nothing to remove")
+        else:
+            print(f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)")
+    if not names:
+        print("nothing to clean")
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -349,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _check(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "clean":
+            return _clean(args)
         client = importlib.import_module(f"framebroker.clients.{args.client_module}")
         return int(client.main(args) or 0)
     except UsageError as exc:

@@ -74,16 +74,14 @@ def test_fast_slow_and_killed_readers_and_a_killed_daemon(env):
     dead = status_json(env, name)
     assert dead["state"] == "dead" and dead["alive"] is False and dead["measured_fps"] == 0
     table = env.run_cli("status", name).stdout
-    assert f"stream {name}: dead: its daemon (pid {daemon.pid}) is gone" in table
+    assert f"stream {name}: dead: its daemon (pid {daemon.pid}) is gone" in table and f"framebroker clean {name}" in table
     assert "streaming" not in table
     listing = json.loads(env.run_cli("status", "--json").stdout)
     assert [s["state"] for s in listing["streams"] if s["name"] == name] == ["dead"], "a stale stream must be listed"
 
-    # A new daemon takes the stream over and the ordered reader comes back by itself. (The
-    # latest() sampler is not expected back: latest() keeps returning the frame it holds from
-    # the dead daemon and never looks for a new one; reported, left to the core's owner.)
+    # A new daemon takes the stream over and the surviving readers come back by themselves.
     env.serve("test://", name)
-    wait_until(lambda: "fast" in readers_by_name(status_json(env, name)), 15, "the ordered reader to re-attach")
+    wait_until(lambda: set(readers_by_name(status_json(env, name))) == {"fast", "sampler"}, 15, "readers to re-attach")
 
 
 def test_reconnecting_shows_why_in_table_and_json(env, tmp_path):
