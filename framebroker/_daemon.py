@@ -122,6 +122,7 @@ class Daemon:
                 f"{source.fps:g}" if source.fps else "unknown",
             )
             publisher.set_geometry(source.shape, self.pixel_format)
+            publisher.set_fps(source.fps)
             try:
                 self._pump(publisher)
                 backoff = BACKOFF_FIRST
@@ -163,7 +164,7 @@ class Daemon:
                 first = False
             stamp_ns = writer.timestamp_ns or 0
             period_ns = 1e9 / source.fps if source.fps else 0.0
-            if previous_ns and period_ns and stamp_ns - previous_ns > 1.5 * period_ns:
+            if source.may_drop_frames and previous_ns and period_ns and stamp_ns - previous_ns > 1.5 * period_ns:
                 publisher.add_source_drops(round((stamp_ns - previous_ns) / period_ns) - 1)
             previous_ns = stamp_ns
             self._log_reader_changes(publisher)

@@ -489,6 +489,14 @@ class Publisher:
                 for sem in self._wake_list:
                     sem.release()
 
+    def set_fps(self, fps: float) -> None:
+        """The rate the source is configured for (0: unknown), shown by status as configured fps.
+
+        The daemon learns it only when the source opens (a file's own rate, what a camera
+        negotiated), after the Publisher was created with the rate the user asked for."""
+        self._check_open()
+        self._fps = check_fps(fps)
+
     def add_source_drops(self, count: int) -> None:
         """Count frames the source lost before they reached the ring (shown by status)."""
         self._source_drops += int(count)
