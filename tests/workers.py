@@ -248,8 +248,17 @@ def main() -> int:
     parser.add_argument("--unsafe", action="store_true")
     parser.add_argument("--recheck", action="store_true")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    return ROLES[args.role](args)
+
+    def on_sigterm(*_: object) -> None:
+        # KeyboardInterrupt, not SystemExit: posix_ipc swallows any other exception a handler
+        # raises during a semaphore wait (see fb.Reader).
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return ROLES[args.role](args)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":
