@@ -33,6 +33,7 @@ from ._errors import (
 from ._publisher import Publisher, SlotWriter
 from ._reader import Frame, Reader
 from ._status import collect as _collect
+from ._trigger import Trigger, TriggerInbox, trigger
 
 __version__ = "0.1.0"
 
@@ -64,7 +65,10 @@ __all__ = [
     "SourceError",
     "StreamBusy",
     "StreamNotFound",
+    "Trigger",
     "TriggerError",
+    "TriggerInbox",
     "__version__",
     "status",
+    "trigger",
 ]

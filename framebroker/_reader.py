@@ -18,6 +18,8 @@ import posix_ipc
 
 from ._errors import CapacityError, ClosedError, FrameBrokerError, FrameReleased, FrameTimeout, SourceEnded, StreamNotFound
 from ._layout import (
+    ENTRY_FLAGS,
+    ENTRY_FLAGS_OFFSET,
     ENTRY_GENERATION,
     ENTRY_GENERATION_OFFSET,
     ENTRY_HELD,
@@ -38,6 +40,7 @@ from ._layout import (
     STATE,
     LOCK_ATTACH,
     LOCK_ENTRY_BASE,
+    FLAG_TRIGGERS,
     LOCK_SLOT_BASE,
     MAP_ENTRY,
     META,
@@ -57,6 +60,7 @@ from ._layout import (
 )
 from ._ring import LIVENESS_STEP, ORPHAN_STEP
 from ._segment import Segment, open_segment
+from ._trigger import TriggerInbox
 
 log = logging.getLogger("framebroker.reader")
 
@@ -329,6 +333,7 @@ class Reader:
             raise ValueError(f"wait must be a number of seconds >= 0, got {wait!r}")
         self._name = name
         self._hold = hold
+        self._flags = 0
         self._mode = ReaderMode.IDLE
         self._last_seq = 0  # seq of the last frame returned (0: none yet from this segment)
         self._frames = 0
@@ -419,6 +424,7 @@ class Reader:
         ENTRY_GENERATION.pack_into(control, offset + ENTRY_GENERATION_OFFSET, generation + 1)
         ENTRY_PROGRESS.pack_into(control, offset + ENTRY_PROGRESS_OFFSET, 0, 0, 0, 0)
         ENTRY_HELD.pack_into(control, offset + ENTRY_HELD_OFFSET, 0)
+        ENTRY_FLAGS.pack_into(control, offset + ENTRY_FLAGS_OFFSET, self._flags)
         ENTRY_RATE.pack_into(control, offset + ENTRY_RATE_OFFSET, 0.0, 0.0)
         control[offset + ENTRY_NAME_OFFSET : offset + ENTRY_NAME_OFFSET + ENTRY_NAME_SIZE] = encode_text(self._name, ENTRY_NAME_SIZE)
         control[offset + ENTRY_INFO_OFFSET : offset + ENTRY_INFO_OFFSET + ENTRY_INFO_SIZE] = encode_text(self._info, ENTRY_INFO_SIZE)
@@ -525,6 +531,27 @@ class Reader:
         attachment = self._current()
         offset = attachment.entry_offset + ENTRY_INFO_OFFSET
         attachment.control[offset : offset + ENTRY_INFO_SIZE] = encode_text(text, ENTRY_INFO_SIZE)  # type: ignore[index]
+
+    def triggers(self) -> "TriggerInbox":
+        """Listen for event triggers sent to this stream with ``fb.trigger()`` (the recorder's
+        clip writer does): returns the inbox to ``receive()`` them from, usable from any thread.
+        Triggers reach this reader until the inbox or the reader is closed, across daemon
+        restarts too."""
+        attachment = self._current()
+        segment = attachment.segment
+        inbox = TriggerInbox(self._stream, mode=segment.mode & 0o660, gid=segment.gid, on_close=self._stop_listening)
+        self._set_flags(self._flags | FLAG_TRIGGERS)
+        return inbox
+
+    def _stop_listening(self) -> None:
+        if self._state is Lifecycle.OPEN:
+            self._set_flags(self._flags & ~FLAG_TRIGGERS)
+
+    def _set_flags(self, flags: int) -> None:
+        self._flags = flags
+        attachment = self._attachment
+        if attachment is not None and attachment.control is not None:
+            ENTRY_FLAGS.pack_into(attachment.control, attachment.entry_offset + ENTRY_FLAGS_OFFSET, flags)
 
     # --- reading ---------------------------------------------------------------------------------------
 

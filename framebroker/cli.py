@@ -138,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_options(check)
     check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
 
+    trigger = commands.add_parser(
+        "trigger",
+        help="send an event trigger to a stream's recorder (it writes a clip with the seconds before)",
+        description="Tell every recorder running with --clips on stream NAME that something happened now (or at "
+        "frame --seq): it writes a clip from at least --pre-roll seconds before to --post-roll seconds after. "
+        "Exits 1 if no recorder listens.",
+    )
+    trigger.add_argument("name", type=stream_name, metavar="NAME", help="the stream")
+    trigger.add_argument("--label", default="", help="what happened (goes into the clip's name and its .json)")
+    trigger.add_argument(
+        "--post-roll",
+        type=float_in(0, 3600, "--post-roll", low_inclusive=True),
+        metavar="S",
+        help="seconds to record after it (default: the recorder's --post-roll)",
+    )
+    trigger.add_argument("--seq", type=int_in(1, 2**63 - 1, "--seq"), help="the frame it happened at (default: now)")
+
     clean = commands.add_parser(
         "clean",
         help="remove the shared memory that dead daemons left behind (never a live stream's)",
@@ -340,6 +357,17 @@ def _busy_hint(target: str) -> str:
     return ""
 
 
+def _trigger(args: argparse.Namespace) -> int:
+    from ._trigger import trigger
+
+    try:
+        count = trigger(args.name, args.label, post_roll=args.post_roll, seq=args.seq)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"trigger {args.label!r} sent to {count} recorder(s) of stream {args.name!r}")
+    return EXIT_OK
+
+
 def _clean(args: argparse.Namespace) -> int:
     from ._errors import IncompatibleSegment, StreamBusy
     from ._segment import list_stream_names, remove_stale
@@ -375,17 +403,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
+    handlers = {"serve": _serve, "status": _status, "check": _check, "demo": _demo, "clean": _clean, "trigger": _trigger}
     try:
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "check":
-            return _check(args)
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "clean":
-            return _clean(args)
+        handler = handlers.get(args.command)
+        if handler is not None:
+            return handler(args)
         client = importlib.import_module(f"framebroker.clients.{args.client_module}")
         return int(client.main(args) or 0)
     except UsageError as exc:

@@ -3,6 +3,7 @@
     framebroker record cam0 -o cam0.ts --duration 60
     framebroker record cam0 --segment 60 --dir /var/lib/cams --keep 1440
     framebroker record cam0 -o udp://192.168.1.50:5000 --text "TX2 DEMO" --clock
+    framebroker record cam0 --clips /var/lib/clips --pre-roll 5 --post-roll 5   # + framebroker trigger cam0
 
 The package, one job per module:
 
@@ -10,6 +11,7 @@ The package, one job per module:
 * ``encoders``: FFmpeg (PyAV) and GStreamer encoders, the registry and ``auto`` order.
 * ``selection``: choosing the encoder by a test encode.
 * ``outputs``: .ts file, segmented files with sidecar indexes, UDP, SRT.
+* ``clips``: the pre-roll buffer and the event clips it writes on triggers.
 * ``recorder``: the pipeline (reader thread, bounded queue, encode thread).
 * this module: the command line.
 """
@@ -22,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +33,7 @@ from typing import Optional
 
 import framebroker as fb
 
+from .clips import PreRollOutput
 from .encoders import ENCODERS
 from .outputs import FileOutput, Output, SegmentedOutput, make_output, segment_stamp
 from .recorder import Recorder, RecorderOptions, Stats
@@ -62,14 +66,17 @@ def _positive(what: str, low: float = 0.0, integer: bool = False):  # type: igno
     return parse
 
 
-def _seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--wait must be a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"--wait must be >= 0 seconds, got {text}")
-    return value
+def _seconds_or_zero(what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0 seconds, got {text}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,11 +112,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--wait",
-        type=_seconds_or_zero,
+        type=_seconds_or_zero("--wait"),
         default=10.0,
         metavar="S",
         help="wait up to S seconds for the stream to appear (default 10)",
     )
+    parser.add_argument(
+        "--clips",
+        metavar="DIR",
+        help="keep the last --pre-roll seconds encoded in memory and write a clip to DIR whenever a trigger "
+        "arrives (framebroker trigger NAME, or fb.trigger() from any process); alone, or with -o/--segment",
+    )
+    parser.add_argument("--pre-roll", type=_seconds_or_zero("--pre-roll"), default=5.0, metavar="S", help="with --clips: seconds before a trigger (default 5)")
+    parser.add_argument("--post-roll", type=_seconds_or_zero("--post-roll"), default=5.0, metavar="S", help="with --clips: seconds after the last trigger (default 5)")
     parser.add_argument("--reader-name", default="recorder", help="name shown by framebroker status")
 
 
@@ -119,6 +134,22 @@ def _keyframe_interval(segment: Optional[float]) -> Fraction:
         return Fraction(MAX_KEYFRAME_INTERVAL)
     length = Fraction(str(segment))
     return length / math.ceil(length / MAX_KEYFRAME_INTERVAL)
+
+
+def _build_outputs(args: argparse.Namespace) -> tuple[list[Output], Optional[PreRollOutput]]:
+    clips: Optional[PreRollOutput] = None
+    if args.clips is not None:
+        directory = Path(args.clips)
+        if not directory.is_dir():
+            raise _UsageError(f"--clips {directory}: no such directory (create it first)")
+        if not os.access(directory, os.W_OK):
+            raise _UsageError(f"--clips {directory}: not writable")
+        clips = PreRollOutput(directory, args.name, args.pre_roll, args.post_roll)
+        if args.output is None and args.segment is None:
+            if args.dir is not None or args.keep is not None:
+                raise _UsageError("--dir and --keep go with --segment")
+            return [clips], clips
+    return [_build_output(args)] + ([clips] if clips is not None else []), clips
 
 
 def _build_output(args: argparse.Namespace) -> Output:
@@ -147,6 +178,29 @@ def _build_output(args: argparse.Namespace) -> Output:
     if not os.access(directory, os.W_OK):
         raise _UsageError(f"--dir {directory}: not writable")
     return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep)
+
+
+def _clip_info(clips: PreRollOutput):  # type: ignore[no-untyped-def]
+    def info() -> dict:
+        return {"preroll_s": round(clips.held_seconds, 1), "preroll_kb": clips.held_bytes // 1024, "clips": len(clips.clips)}
+
+    return info
+
+
+def _listen(recorder: Recorder, inbox: fb.TriggerInbox, clips: PreRollOutput) -> threading.Thread:
+    """Hand triggers to the clip writer from a thread of their own, until the recording ends.
+    The caller joins the thread before closing the inbox."""
+
+    def run() -> None:
+        while not recorder.finished:
+            trigger = inbox.receive(timeout=PROGRESS_PERIOD)
+            if trigger is not None:
+                log.info("trigger %r from pid %d (seq %s)", trigger.label, trigger.sender_pid, trigger.seq)
+                clips.add_trigger(trigger)
+
+    thread = threading.Thread(target=run, name="recorder-triggers", daemon=True)
+    thread.start()
+    return thread
 
 
 class _Rate:
@@ -183,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
     if args.encoder != "auto" and args.encoder not in ENCODERS:
         return _usage(f"unknown --encoder {args.encoder!r}; choose auto or one of: {', '.join(ENCODERS)}")
     try:
-        output = _build_output(args)
+        outputs, clips = _build_outputs(args)
     except (_UsageError, ValueError) as exc:
         return _usage(str(exc))
     options = RecorderOptions(
@@ -196,12 +250,19 @@ def main(args: argparse.Namespace) -> int:
     )
     selection = select_encoder(args.encoder)
     spec = selection.spec
-    label = output.describe()
+    label = " + ".join(output.describe() for output in outputs)
     reader = fb.Reader(args.name, name=args.reader_name, wait=args.wait)
+    inbox: Optional[fb.TriggerInbox] = None
     try:
         reader.set_info(encoder=spec.name, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
-        recorder = Recorder(reader, spec, [output], options, output_label=label)
+        if clips is not None:
+            inbox = reader.triggers()
+        recorder = Recorder(
+            reader, spec, outputs, options, output_label=label, extra_info=None if clips is None else _clip_info(clips)
+        )
     except BaseException:
+        if inbox is not None:
+            inbox.close()
         reader.close()
         raise
     log.info("recording stream %r with encoder %s (%s) to %s", args.name, spec.name, spec.description, label)
@@ -212,8 +273,11 @@ def main(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     interactive = sys.stdout.isatty()
     rate = _Rate()
+    listener: Optional[threading.Thread] = None
     try:
         recorder.start()
+        if inbox is not None and clips is not None:
+            listener = _listen(recorder, inbox, clips)
         while not recorder.wait(PROGRESS_PERIOD):
             if interactive:
                 written = recorder.router.frames
@@ -226,14 +290,21 @@ def main(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if listener is not None:
+            listener.join(timeout=2 * PROGRESS_PERIOD + 1)
+        if inbox is not None:
+            inbox.close()
     if interactive:
         written = recorder.router.frames
         sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)) + "\n")
     stats = recorder.stats
     encode_ms = stats.encode_ms_median
     files = ""
-    if isinstance(output, SegmentedOutput):
-        files = f" files={len(output.files)} deleted={len(output.deleted)}"
+    for output in outputs:
+        if isinstance(output, SegmentedOutput):
+            files += f" files={len(output.files)} deleted={len(output.deleted)}"
+        if isinstance(output, PreRollOutput):
+            files += f" clips={len(output.clips)} triggers={output.triggers_received}"
     print(
         f"record: {'failed' if recorder.error else 'done'} ({recorder.end_reason}): "
         f"frames={recorder.router.frames} seconds={stats.recorded_seconds:.3f} encoder={spec.name} "

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -174,6 +174,7 @@ class Recorder:
         options: RecorderOptions,
         output_label: str = "",
         router: Optional[PacketRouter] = None,
+        extra_info: Optional[Callable[[], dict]] = None,
     ) -> None:
         if options.queue_frames is not None and options.queue_frames < 1:
             raise ValueError(f"the queue must hold at least 1 frame, got {options.queue_frames}")
@@ -184,6 +185,7 @@ class Recorder:
         for output in outputs:
             self.router.attach(output)
         self.output_label = output_label
+        self.extra_info = extra_info  # more key/values for status (the clip writer's buffer)
         self.stats = Stats()
         self.stats.encoder = encoder.name
         self.end_reason = ""
@@ -310,6 +312,8 @@ class Recorder:
             "queue": stats.queue_depth,
             "out": label if len(label) <= 120 else "..." + label[-117:],
         }
+        if self.extra_info is not None:
+            info.update(self.extra_info())
         try:
             self.reader.set_info(**info)
         except (fb.FrameBrokerError, ValueError) as exc:
