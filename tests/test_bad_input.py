@@ -92,6 +92,18 @@ CASES = [
     Case("segment-other-version", ["serve", "test://", "--name", "{new}"], exit=1, message=f"layout version {LAYOUT_VERSION + 7}", segment=other_version),
     Case("status-of-garbage", ["status", "{new}"], exit=1, message="incompatible", segment=garbage),
     Case("second-daemon", ["serve", "test://", "--name", "{live}"], exit=1, message="already served by a live daemon (pid"),
+    # --- the recorder and triggers --------------------------------------------------------------------------
+    Case("record-dir-missing", ["record", "{live}", "-o", "/nonexistent-dir/x.ts"], message="directory /nonexistent-dir does not exist"),
+    Case("record-clips-dir-missing", ["record", "{live}", "--clips", "/nonexistent-dir"], message="--clips /nonexistent-dir: no such directory"),
+    Case("record-segment-dir-missing", ["record", "{live}", "--segment", "2", "--dir", "/nonexistent-dir"], message="no such directory"),
+    Case("record-o-and-segment", ["record", "{live}", "-o", "x.ts", "--segment", "2"], message="give either -o or --segment"),
+    Case("record-unknown-encoder", ["record", "{live}", "--encoder", "h265_magic"], message="unknown --encoder 'h265_magic'"),
+    Case("record-output-scheme", ["record", "{live}", "-o", "rtmp://host/app"], message="unknown scheme rtmp://"),
+    Case("record-negative-duration", ["record", "{live}", "--duration", "-5"], message="--duration must be > 0"),
+    Case("record-not-served", ["record", "{new}", "--wait", "0", "-o", "/tmp/never.ts"], exit=1, message="nothing serves it"),
+    Case("trigger-no-listener", ["trigger", "{live}", "--label", "person"], exit=1, message="listens for triggers"),
+    Case("trigger-not-served", ["trigger", "{new}"], exit=1, message="nothing serves it"),
+    Case("trigger-bad-seq", ["trigger", "{live}", "--seq", "-3"], message="--seq must be between 1"),
     # --- the Python API -----------------------------------------------------------------------------------
     Case("api-name-slash", api=lambda live, new: fb.Reader("a/b"), error=ValueError, message="invalid stream name"),
     Case("api-name-type", api=lambda live, new: fb.Reader(b"cam0"), error=TypeError, message="must be a str"),
@@ -106,6 +118,9 @@ CASES = [
     Case("api-shape-channels", api=lambda live, new: fb.Publisher(new, shape=(480, 640, 4)), error=ValueError, message="(height, width, 3)"),
     Case("api-fps-negative", api=lambda live, new: fb.Publisher(new, shape=(48, 64, 3), fps=-30), error=ValueError, message="fps must be between"),
     Case("api-timeout-type", api=lambda live, new: _latest(live, timeout="soon"), error=TypeError, message="timeout"),
+    Case("api-timeout-negative", api=lambda live, new: _latest(live, timeout=-1), error=ValueError, message="timeout must be >= 0"),
+    Case("api-trigger-no-listener", api=lambda live, new: fb.trigger(live, "x"), error=fb.TriggerError, message="--clips"),
+    Case("api-trigger-label", api=lambda live, new: fb.trigger(live, "a\nb"), error=ValueError, message="printable"),
 ]
 
 

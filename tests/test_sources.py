@@ -239,7 +239,13 @@ def test_rtsp_with_credentials_streams_and_never_shows_them(env):
     assert status.returncode == 0
     document = json.loads(status.stdout)
     assert document["streams"][0]["source"] == f"rtsp://***@127.0.0.1:{port}/test?latency=50"
-    everything = status.stdout + "\n".join(daemon.stdout + daemon.stderr)
+    # Nor in the preview's page, status document and Prometheus metrics.
+    from test_preview import get, start_view
+
+    view, url = start_view(env, name)
+    pages = [get(url + path)[2] for path in ("", "status.json", "metrics")]
+    assert f"127.0.0.1:{port}" in pages[2], "the metrics name the source"
+    everything = status.stdout + "\n".join(daemon.stdout + daemon.stderr + view.stdout + view.stderr) + "".join(pages)
     assert "s3cret" not in everything and "alice" not in everything
 
 

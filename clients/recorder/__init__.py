@@ -248,12 +248,12 @@ def main(args: argparse.Namespace) -> int:
         queue_frames=args.queue,
         keyframe_interval=_keyframe_interval(args.segment),
     )
-    selection = select_encoder(args.encoder)
-    spec = selection.spec
     label = " + ".join(output.describe() for output in outputs)
+    # Attach first: a stream that does not exist is reported before encoders are probed.
     reader = fb.Reader(args.name, name=args.reader_name, wait=args.wait)
     inbox: Optional[fb.TriggerInbox] = None
     try:
+        spec = select_encoder(args.encoder).spec
         reader.set_info(encoder=spec.name, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
         if clips is not None:
             inbox = reader.triggers()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import enum
 import logging
+import os
 import queue
 import re
 import shutil
@@ -190,6 +191,7 @@ class FileOutput(Output):
         self._index: Optional[SidecarIndex] = None
         self.first_pts: Optional[int] = None
         self.last_pts: Optional[int] = None
+        self._complete_size = 0
 
     def describe(self) -> str:
         return str(self.path)
@@ -207,7 +209,18 @@ class FileOutput(Output):
 
     def _write(self, packet: EncodedPacket) -> None:
         assert self._muxer is not None
-        self._muxer.mux(packet)
+        try:
+            self._muxer.mux(packet)
+        except OSError:
+            # A full disk cut the last packet short: end the file at the last complete one, so
+            # what was recorded plays without a broken frame at its end.
+            try:
+                os.truncate(self.path, self._complete_size)
+            except OSError:
+                pass
+            raise
+        # Each mux writes whole TS packets and flushes them: the file now ends on a boundary.
+        self._complete_size = os.path.getsize(self.path)
         if self._index is not None:
             self._index.add(packet)
         if self.first_pts is None:
