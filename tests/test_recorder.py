@@ -429,11 +429,12 @@ def test_usage_errors_exit_2(env, args, message):
 
 
 def test_a_named_encoder_that_does_not_work_is_a_clear_error(env, tmp_path):
-    result = env.run_cli("record", env.name(), "-o", str(tmp_path / "x.ts"), "--encoder", "h264_nvenc")
+    daemon, name = env.serve()
+    result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "h264_nvenc")
     assert result.returncode == 1
     assert "encoder h264_nvenc (NVIDIA NVENC (FFmpeg)) does not work on this machine" in result.stderr
     assert "libcuda" in result.stderr and "--encoder auto" in result.stderr
-    result = env.run_cli("record", env.name(), "-o", str(tmp_path / "x.ts"), "--encoder", "nvv4l2h264enc")
+    result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "nvv4l2h264enc")
     assert result.returncode == 1
     assert "nvv4l2h264enc" in result.stderr and "no element" in result.stderr
 
