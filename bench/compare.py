@@ -47,17 +47,18 @@ RESULTS = BENCH / "results"
 SIZES = {"vga": (480, 640, 3), "720p": (720, 1280, 3), "1080p": (1080, 1920, 3), "4k": (2160, 3840, 3)}
 ALIASES = {name.lower().replace(".", ""): name for name in TRANSPORTS}
 
-# Full run: 2 sizes x 3 reader counts x 5 transports = 30 runs of about 8 s each (process
-# start and warm-up about 1.5 s, 0.8 s idle, 3 x (36 frames at 30 fps + 0.5 s flat out + 2 x
-# 0.1 s settling), 0.3 s integrity), then latest() at three sizes: about 4.5 minutes on 2 cores.
+# Full run: 2 sizes x 3 reader counts x 5 transports = 30 runs of 5.5 s of phases each (0.2 s
+# warm-up burst, 0.6 s idle, 3 x (30 frames at 30 fps + 0.4 s flat out + 2 x 0.05 s settling),
+# 0.25 s integrity) plus starting the processes (0.5 s with one reader, 2-4 s with 16), then
+# latest() at three sizes: about 4 minutes on 2 cores shared with other work, less when quiet.
 FULL = {
     "sizes": "1080p,vga",
     "readers": "1,4,16",
     "reps": 3,
-    "latency_frames": 36,
-    "throughput_s": 0.5,
-    "integrity_s": 0.3,
-    "idle_s": 0.8,
+    "latency_frames": 30,
+    "throughput_s": 0.4,
+    "integrity_s": 0.25,
+    "idle_s": 0.6,
     "latest_sizes": "vga,1080p,4k",
     "latest_calls": 100,
     "latest_idle_calls": 20,
@@ -236,21 +237,26 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
     inbox = _Inbox(results, processes)
     expected = spec.idle_s + spec.reps * (spec.latency_frames / spec.fps + spec.throughput_s + 2 * spec.settle_s) + spec.integrity_s
     started = time.monotonic()
+    timeline: dict[str, float] = {}
     record: dict[str, Any] = {}
     try:
         producer = ctx.Process(target=driver.producer_main, args=(spec, resources, go, done, results), name="producer", daemon=True)
         producer.start()
         processes.append(producer)
         inbox.wait("producer_ready", 1, START_TIMEOUT)
+        timeline["producer_ready"] = time.monotonic() - started
         for index in range(spec.readers):
             reader = ctx.Process(target=driver.reader_main, args=(spec, resources, index, stop, results), name=f"reader {index}", daemon=True)
             reader.start()
             processes.append(reader)
         zero_copy = inbox.wait("reader_ready", spec.readers, START_TIMEOUT + 2 * spec.readers)
         go.set()
+        timeline["readers_ready"] = time.monotonic() - started
         readers = inbox.wait("reader", spec.readers, 3 * expected + 60)
+        timeline["reader_reports"] = time.monotonic() - started
         done.set()
         producer_report = inbox.wait("producer", 1, driver.END_TIMEOUT + 30)[0]
+        timeline["producer_report"] = time.monotonic() - started
         record = {
             "status": "ok",
             "producer": producer_report,
@@ -278,6 +284,7 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
         module.cleanup(resources)
         results.close()
     record["wall_s"] = time.monotonic() - started
+    record["timeline_s"] = timeline  # where the wall time of the run went
     return record
 
 
@@ -301,6 +308,7 @@ def run_latest(ctx: Any, shapes: list[tuple[int, int, int]], reps: int, calls: i
             "new_frame_us": latest_cost.median_of(size_runs, "new_frame"),
             "array_view_us": latest_cost.median_of(size_runs, "array_view"),
             "same_frame_us": latest_cost.median_of(size_runs, "same_frame"),
+            "after_publish_us": latest_cost.median_of(size_runs, "after_publish"),
             "after_idle_us": latest_cost.median_of(size_runs, "after_idle"),
             "after_idle_p99_us": latest_cost.median_of(size_runs, "after_idle", "p99_us"),
             "runs": size_runs,

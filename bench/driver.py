@@ -11,9 +11,8 @@ The producer's timeline (readers classify frames by the phase stamped into them,
    joiners such as zmq subscribers are connected before anything is measured), then
    ``WARMUP_BURST_S`` flat out so every buffer the transport uses in steady state is mapped;
 2. **idle**: ``idle_s`` without frames. Readers measure their own CPU while waiting. The
-   producer meanwhile times bare numpy copies of a frame at the run's frame rate, into one
-   private buffer (``copy_warm``) and into eight in turn (``copy_cold``): the yardstick for
-   its publish cost;
+   producer meanwhile times bare numpy copies of a frame (``_bare_copies``), at the run's
+   frame rate and back to back: the yardsticks for its publish cost at 30 fps and flat out;
 3. per repetition: **latency**, ``latency_frames`` frames paced at ``fps`` (readers record
    usable-time minus the pre-write timestamp); then **throughput**, publishing back to back
    for ``throughput_s``;
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import mmap
 import os
 import resource
 import time
@@ -64,6 +64,9 @@ END_TIMEOUT = 30.0
 # How often a waiting reader looks at the stop flag (seconds).
 WAIT_STEP = 0.25
 COLD_DESTINATIONS = 8
+MIN_PACED_COPIES = 6
+FLAT_WARMUP = 10
+FLAT_COPIES = 40
 
 
 def cpu_seconds() -> float:
@@ -152,31 +155,47 @@ def _publish(producer: transports.ProducerEnd, sources: SourceFrames, n: int) ->
 
 
 def _bare_copies(sources: SourceFrames, spec: RunSpec) -> dict[str, Any]:
-    """Time ``np.copyto`` of a frame at the run's frame rate, warm and cold destination."""
-    # Written once before timing: np.zeros/np.empty memory is only mapped on first write, and
-    # the page faults would be timed as copying.
-    warm = np.full(spec.shape, 1, np.uint8)
-    cold = [np.full(spec.shape, 1, np.uint8) for _ in range(COLD_DESTINATIONS)]
+    """Time ``np.copyto`` of a frame, the yardstick for ``publish``.
+
+    At the run's frame rate, in turn: into one shared-memory buffer (``warm``: the same one each
+    time, as the naive baseline writes), into eight in turn (``cold``), and into private memory
+    (``private``: numpy may back it with huge pages, which shared memory does not get, so it is
+    faster than any copy a shared-memory transport can make). Then back to back into the warm
+    shared buffer (``flat``) and private memory (``flat_private``), for publishing flat out.
+    Shared buffers are anonymous ``MAP_SHARED`` mappings: the same shmem pages as ``/dev/shm``.
+    """
+
+    def shared() -> np.ndarray:
+        mapping = mmap.mmap(-1, spec.nbytes)
+        array = np.ndarray(spec.shape, np.uint8, buffer=mapping)
+        array.fill(1)  # map every page now: first-touch page faults are not copying
+        return array
+
+    destinations = {"warm": [shared()], "cold": [shared() for _ in range(COLD_DESTINATIONS)], "private": [np.full(spec.shape, 1, np.uint8)]}
+    samples: dict[str, list[int]] = {kind: [] for kind in destinations}
+    kinds = list(destinations)
     period = 1.0 / spec.fps
-    ticks = max(6, int(spec.idle_s * spec.fps))
-    warm_ns: list[int] = []
-    cold_ns: list[int] = []
+    ticks = max(3 * MIN_PACED_COPIES, int(spec.idle_s * spec.fps))
     clock = time.perf_counter_ns
     next_tick = time.monotonic()
     for tick in range(ticks):
         _sleep_until(next_tick)
         next_tick += period
+        kind = kinds[tick % len(kinds)]
+        targets = destinations[kind]
+        destination = targets[(tick // len(kinds)) % len(targets)]
         source = sources.frames[tick % len(FILLS)]
-        if tick % 2 == 0:
+        start = clock()
+        np.copyto(destination, source)
+        samples[kind].append(clock() - start)
+    for kind, destination in (("flat", destinations["warm"][0]), ("flat_private", destinations["private"][0])):
+        samples[kind] = []
+        for tick in range(FLAT_WARMUP + FLAT_COPIES):
             start = clock()
-            np.copyto(warm, source)
-            warm_ns.append(clock() - start)
-        else:
-            destination = cold[(tick // 2) % COLD_DESTINATIONS]
-            start = clock()
-            np.copyto(destination, source)
-            cold_ns.append(clock() - start)
-    return {"warm": summarize_ns(warm_ns), "cold": summarize_ns(cold_ns)}
+            np.copyto(destination, sources.frames[tick % len(FILLS)])
+            if tick >= FLAT_WARMUP:  # the first copies after idling run slow, as any code does
+                samples[kind].append(clock() - start)
+    return {kind: summarize_ns(values) for kind, values in samples.items()}
 
 
 def _paced_phase(producer: transports.ProducerEnd, sources: SourceFrames, counter: Iterator[int], rep: int, spec: RunSpec) -> dict[str, Any]:

@@ -51,7 +51,7 @@ class RunSpec:
     integrity_s: float
     idle_s: float
     hold_s: float
-    settle_s: float = 0.1
+    settle_s: float = 0.05  # between phases, so readers finish the previous one
     options: dict = field(default_factory=dict)
 
     @property
