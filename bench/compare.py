@@ -232,7 +232,8 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
     module = transports.load(spec.transport)
     resources = module.prepare(ctx, spec)
     results = ctx.Queue()
-    go, done, stop = ctx.Event(), ctx.Event(), ctx.Event()
+    control = {name: ctx.Event() for name in ("go", "idle_start", "idle_end", "done")}
+    stop = ctx.Event()
     processes: list[Any] = []
     inbox = _Inbox(results, processes)
     expected = spec.idle_s + spec.reps * (spec.latency_frames / spec.fps + spec.throughput_s + 2 * spec.settle_s) + spec.integrity_s
@@ -240,7 +241,7 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
     timeline: dict[str, float] = {}
     record: dict[str, Any] = {}
     try:
-        producer = ctx.Process(target=driver.producer_main, args=(spec, resources, go, done, results), name="producer", daemon=True)
+        producer = ctx.Process(target=driver.producer_main, args=(spec, resources, control, results), name="producer", daemon=True)
         producer.start()
         processes.append(producer)
         inbox.wait("producer_ready", 1, START_TIMEOUT)
@@ -250,11 +251,18 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
             reader.start()
             processes.append(reader)
         zero_copy = inbox.wait("reader_ready", spec.readers, START_TIMEOUT + 2 * spec.readers)
-        go.set()
+        control["go"].set()
         timeline["readers_ready"] = time.monotonic() - started
+        reader_pids = [p.pid for p in processes[1:]]
+        inbox.wait("idle_start", 1, START_TIMEOUT)
+        idle_start = time.monotonic(), [driver.process_cpu_seconds(pid) for pid in reader_pids]
+        control["idle_start"].set()
+        inbox.wait("idle_end", 1, START_TIMEOUT + spec.idle_s)
+        idle_end = time.monotonic(), [driver.process_cpu_seconds(pid) for pid in reader_pids]
+        control["idle_end"].set()
         readers = inbox.wait("reader", spec.readers, 3 * expected + 60)
         timeline["reader_reports"] = time.monotonic() - started
-        done.set()
+        control["done"].set()
         producer_report = inbox.wait("producer", 1, driver.END_TIMEOUT + 30)[0]
         timeline["producer_report"] = time.monotonic() - started
         record = {
@@ -262,16 +270,20 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
             "producer": producer_report,
             "readers_raw": [readers[i] for i in range(spec.readers)],
             "zero_copy": [zero_copy[i] for i in range(spec.readers)],
+            "idle": {
+                "wall_s": idle_end[0] - idle_start[0],
+                "reader_cpu_s": [None if a is None or b is None else b - a for a, b in zip(idle_start[1], idle_end[1])],
+            },
         }
         if not all(r["ended"] for r in record["readers_raw"]):
             raise RunFailed("a reader stopped before it saw the end of the run")
-        record["summary"] = report.summarize_run(producer_report, record["readers_raw"], record["zero_copy"], spec.reps)
+        record["summary"] = report.summarize_run(producer_report, record["readers_raw"], record["zero_copy"], record["idle"], spec.reps)
     except RunFailed as exc:
         record = {"status": "error", "reason": str(exc).splitlines()[0], "error": str(exc)}
     finally:
         stop.set()
-        done.set()
-        go.set()
+        for event in control.values():
+            event.set()
         for process in processes:
             process.join(JOIN_TIMEOUT)
         for process in processes:

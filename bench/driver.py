@@ -10,9 +10,10 @@ The producer's timeline (readers classify frames by the phase stamped into them,
 1. **warm-up**: a frame every ``WARMUP_PERIOD`` until every reader has received one (so late
    joiners such as zmq subscribers are connected before anything is measured), then
    ``WARMUP_BURST_S`` flat out so every buffer the transport uses in steady state is mapped;
-2. **idle**: ``idle_s`` without frames. Readers measure their own CPU while waiting. The
-   producer meanwhile times bare numpy copies of a frame (``_bare_copies``), at the run's
-   frame rate and back to back: the yardsticks for its publish cost at 30 fps and flat out;
+2. **idle**: ``idle_s`` without frames. The orchestrator reads every reader's CPU time at
+   both ends of this window. The producer meanwhile times bare numpy copies of a frame
+   (``_bare_copies``), at the run's frame rate and back to back: the yardsticks for its
+   publish cost at 30 fps and flat out;
 3. per repetition: **latency**, ``latency_frames`` frames paced at ``fps`` (readers record
    usable-time minus the pre-write timestamp); then **throughput**, publishing back to back
    for ``throughput_s``;
@@ -61,8 +62,11 @@ END_PERIOD = 0.02
 # report once the end frames go out (seconds).
 READY_TIMEOUT = 60.0
 END_TIMEOUT = 30.0
-# How often a waiting reader looks at the stop flag (seconds).
-WAIT_STEP = 0.25
+# How often a waiting reader looks at the stop flag (seconds): longer than the idle window, so
+# the idle CPU measured is the transport's own, not this loop's.
+WAIT_STEP = 2.0
+# Quiet time after the warm-up burst before the idle window opens (readers drain backlogs).
+IDLE_SETTLE_S = 0.1
 COLD_DESTINATIONS = 8
 MIN_PACED_COPIES = 6
 FLAT_WARMUP = 10
@@ -98,14 +102,17 @@ def _sleep_until(deadline: float) -> None:
 # --- producer -----------------------------------------------------------------------------------
 
 
-def producer_main(spec: RunSpec, resources: Any, go: Any, done: Any, results: Any) -> None:
+def producer_main(spec: RunSpec, resources: Any, control: dict[str, Any], results: Any) -> None:
+    """``control``: events the orchestrator sets: ``go`` (every reader has a frame),
+    ``idle_start``/``idle_end`` (it has sampled the readers' CPU), ``done`` (it has every report)."""
     try:
-        _run_producer(spec, resources, go, done, results)
+        _run_producer(spec, resources, control, results)
     except BaseException:
         results.put(("error", "producer", -1, traceback.format_exc()))
 
 
-def _run_producer(spec: RunSpec, resources: Any, go: Any, done: Any, results: Any) -> None:
+def _run_producer(spec: RunSpec, resources: Any, control: dict[str, Any], results: Any) -> None:
+    go, done = control["go"], control["done"]
     module = transports.load(spec.transport)
     sources = SourceFrames(spec.shape)
     producer = module.Producer(spec, resources)
@@ -125,7 +132,12 @@ def _run_producer(spec: RunSpec, resources: Any, go: Any, done: Any, results: An
         gc.collect()
         gc.disable()
         report: dict[str, Any] = {"pid": os.getpid(), "warmup_frames": warmup + burst["frames"]}
+        # The idle window: the orchestrator samples every reader's CPU at both ends, while the
+        # readers wait for a frame and nothing else (their own timeouts are longer than this).
+        time.sleep(IDLE_SETTLE_S)
+        _handshake(results, control["idle_start"], "idle_start")
         report["bare_copy"] = _bare_copies(sources, spec)
+        _handshake(results, control["idle_end"], "idle_end")
         reps = []
         for rep in range(spec.reps):
             latency = _paced_phase(producer, sources, counter, rep, spec)
@@ -144,6 +156,12 @@ def _run_producer(spec: RunSpec, resources: Any, go: Any, done: Any, results: An
         results.put(("producer", report))
     finally:
         producer.close()
+
+
+def _handshake(results: Any, event: Any, name: str) -> None:
+    results.put((name, 0, time.monotonic_ns()))
+    if not event.wait(READY_TIMEOUT):
+        raise TimeoutError(f"the orchestrator did not answer {name!r} within {READY_TIMEOUT} s")
 
 
 def _publish(producer: transports.ProducerEnd, sources: SourceFrames, n: int) -> int:
@@ -278,9 +296,6 @@ def _run_reader(spec: RunSpec, resources: Any, index: int, stop: Any, results: A
         groups: dict[int, _Group] = {}
         repeats = 0
         last_n = -1
-        idle: Optional[dict[str, float]] = None
-        last_warmup: Optional[tuple[float, int]] = None
-        last_timeout: Optional[tuple[float, int]] = None
         hold_s = spec.hold_s
         clock = time.monotonic_ns
         ended = False
@@ -290,7 +305,6 @@ def _run_reader(spec: RunSpec, resources: Any, index: int, stop: Any, results: A
             if array is None:
                 if stop.is_set():
                     break
-                last_timeout = (cpu_seconds(), now)
                 continue
             head, tail, spots = check.read(array)
             n = head[0]
@@ -305,8 +319,6 @@ def _run_reader(spec: RunSpec, resources: Any, index: int, stop: Any, results: A
                 group = groups[key] = _Group(key, cpu_seconds(), now)
                 if len(groups) == 1:
                     results.put(("reader_ready", index, mapping_of(array)))
-                if idle is None and kind != KIND_WARMUP:
-                    idle = _idle_window(last_warmup, last_timeout)
             group.frames += 1
             group.last_ns = now
             if kind == KIND_LATENCY:
@@ -317,9 +329,7 @@ def _run_reader(spec: RunSpec, resources: Any, index: int, stop: Any, results: A
                 time.sleep(hold_s)
             if check.read(array) != (head, tail, spots):
                 group.changed += 1
-            if kind == KIND_WARMUP:
-                last_warmup = (cpu_seconds(), now)
-            elif kind == KIND_END:
+            if kind == KIND_END:
                 ended = True
                 break
         end_cpu = cpu_seconds()
@@ -343,18 +353,9 @@ def _run_reader(spec: RunSpec, resources: Any, index: int, stop: Any, results: A
             if kind == KIND_LATENCY:
                 entry["latency_us"] = [round(value / 1000.0, 1) for value in group.latency_ns]
             report_groups.append(entry)
-        results.put(("reader", index, {"pid": os.getpid(), "ended": ended, "repeats": repeats, "idle": idle, "groups": report_groups}))
+        results.put(("reader", index, {"pid": os.getpid(), "ended": ended, "repeats": repeats, "groups": report_groups}))
     finally:
         port.close()
-
-
-def _idle_window(last_warmup: Optional[tuple[float, int]], last_timeout: Optional[tuple[float, int]]) -> Optional[dict[str, float]]:
-    """CPU while waiting with nothing to receive: from the last warm-up frame to the last wait
-    that timed out before the next frame. Ending at the next frame would charge its reception
-    (a whole unpickling, for some transports) to idling."""
-    if last_warmup is None or last_timeout is None or last_timeout[1] <= last_warmup[1]:
-        return None
-    return {"cpu_s": last_timeout[0] - last_warmup[0], "wall_s": (last_timeout[1] - last_warmup[1]) / 1e9}
 
 
 def mapping_of(array: np.ndarray) -> dict[str, Any]:
@@ -378,3 +379,16 @@ def mapping_of(array: np.ndarray) -> dict[str, Any]:
                     "array_writable": bool(array.flags.writeable),
                 }
     return {"zero_copy": False, "path": None, "perms": None, "shared": False, "array_writable": bool(array.flags.writeable)}
+
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """CPU time of another process, every thread, in nanosecond resolution (``schedstat``);
+    None if it has gone."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9

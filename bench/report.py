@@ -15,7 +15,8 @@ How a figure is formed (this machine is noisy, so every figure is a median of me
   ``np.copyto`` of the same frame into one shared-memory buffer, timed by the same process in
   the same run at 30 fps and back to back respectively (``driver._bare_copies``; a copy into
   private memory is recorded too).
-* idle reader: CPU / wall time while waiting with no frames, in % of one core.
+* idle reader: CPU / wall time while waiting with no frames, in % of one core, read from
+  ``/proc/PID/task/*/schedstat`` by the orchestrator at both ends of the idle window.
 * torn / changed: totals over every phase, repetition and reader.
 """
 
@@ -50,7 +51,7 @@ def _per_1000_ms(cpu_s: Optional[float], frames: Optional[int]) -> Optional[floa
     return cpu_s / frames * 1e6
 
 
-def summarize_run(producer: dict[str, Any], readers: list[dict[str, Any]], zero_copy: list[dict[str, Any]], reps: int) -> dict[str, Any]:
+def summarize_run(producer: dict[str, Any], readers: list[dict[str, Any]], zero_copy: list[dict[str, Any]], idle: dict[str, Any], reps: int) -> dict[str, Any]:
     rep_rows = []
     worst = 0.0
     for rep in range(reps):
@@ -101,9 +102,10 @@ def summarize_run(producer: dict[str, Any], readers: list[dict[str, Any]], zero_
         summary[f"copy_{kind}_us"] = bare[kind]["p50_us"]
     summary["publish_vs_copy"] = _ratio(summary.get("publish_us_30fps"), bare["warm"]["p50_us"])
     summary["publish_vs_copy_max_speed"] = _ratio(summary.get("publish_us_max_speed"), bare["flat"]["p50_us"])
-    idle = [r["idle"]["cpu_s"] / r["idle"]["wall_s"] * 100.0 for r in readers if r.get("idle") and r["idle"]["wall_s"] > 0]
-    summary["idle_reader_pct_core"] = _median(idle)
-    summary["idle_reader_pct_core_max"] = max(idle) if idle else None
+    idle_pct = [cpu / idle["wall_s"] * 100.0 for cpu in idle["reader_cpu_s"] if cpu is not None and idle["wall_s"] > 0]
+    summary["idle_reader_pct_core"] = _median(idle_pct)
+    summary["idle_reader_pct_core_max"] = max(idle_pct) if idle_pct else None
+    summary["idle_window_s"] = idle["wall_s"]
     torn: dict[str, int] = {}
     changed: dict[str, int] = {}
     for reader in readers:
