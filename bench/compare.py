@@ -348,7 +348,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"framebroker compare, run {run_id}: {machine_line(machine)}", file=sys.stderr)
     missing = {name: transports.missing_packages(name) for name in names}
     runs: list[dict[str, Any]] = []
-    plan = [(shape, readers, name) for shape in sizes for readers in reader_counts for name in names]
+    # Within each size and reader count the transports take turns at going first, so none is
+    # always the one that meets the machine just after process start-up or a heavy neighbour.
+    plan = []
+    for group, (shape, readers) in enumerate((shape, readers) for shape in sizes for readers in reader_counts):
+        turn = group % len(names)
+        plan += [(shape, readers, name) for name in names[turn:] + names[:turn]]
     for number, (shape, readers, name) in enumerate(plan, 1):
         spec = RunSpec(
             transport=name,
@@ -363,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             idle_s=args.idle_s,
             hold_s=args.hold_ms / 1000.0,
         )
-        base = {"transport": name, "size": size_label(shape), "width": shape[1], "height": shape[0], "readers": readers, "tag": spec.tag}
+        base = {"transport": name, "size": size_label(shape), "width": shape[1], "height": shape[0], "readers": readers, "tag": spec.tag, "order": number}
         if missing[name]:
             record = {"status": "skipped", "reason": f"not installed: {', '.join(missing[name])} (pip install '.[bench]')"}
         else:
@@ -377,6 +382,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if latest_sizes:
         latest = run_latest(ctx, latest_sizes, args.reps, args.latest_calls, args.latest_idle_calls, args.fps)
         print(f"latest() costs measured at {', '.join(latest)}", file=sys.stderr)
+    runs.sort(key=lambda run: (sizes.index((run["height"], run["width"], 3)), reader_counts.index(run["readers"]), names.index(run["transport"])))
     report.add_ratios(runs)
     checks = report.targets(runs, latest)
     text = report.tables(runs, latest)
