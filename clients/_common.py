@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import time
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
+
+import framebroker as fb
 
 
 def exit_on_sigterm() -> None:
@@ -38,3 +40,18 @@ class Every:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def fresh_frames(cam: fb.Reader, label: str, timeout: float = 2.0) -> Iterator[fb.Frame]:
+    """The freshest frame each time the caller is ready (``next()``), saying so while none come,
+    until the stream ends."""
+    while True:
+        try:
+            frame = cam.next(timeout=timeout)
+        except fb.FrameTimeout as exc:
+            say(f"{label}: waiting: {exc}")
+            continue
+        except fb.SourceEnded as exc:
+            say(f"{label}: {exc}")
+            return
+        yield frame

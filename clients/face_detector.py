@@ -12,7 +12,7 @@ import time
 
 import framebroker as fb
 
-from ._common import Every, exit_on_sigterm, say
+from ._common import Every, exit_on_sigterm, fresh_frames, say
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +34,7 @@ def main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with fb.Reader(args.name, name=args.reader_name, wait=10.0) as cam:
         say(f"faces: reading stream {args.name!r}")
-        while True:
-            try:
-                frame = cam.next(timeout=2.0)
-            except fb.FrameTimeout as exc:
-                say(f"faces: waiting: {exc}")
-                continue
-            except fb.SourceEnded as exc:
-                say(f"faces: {exc}")
-                return 0
+        for frame in fresh_frames(cam, "faces"):
             with frame:
                 image = frame.array
                 gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
@@ -58,3 +50,4 @@ def main(args: argparse.Namespace) -> int:
             if args.frames and processed >= args.frames:
                 say(f"faces: done after {processed} frames")
                 return 0
+    return 0

@@ -14,7 +14,7 @@ import numpy as np
 
 import framebroker as fb
 
-from ._common import Every, exit_on_sigterm, say
+from ._common import Every, exit_on_sigterm, fresh_frames, say
 
 WORK_WIDTH = 320  # analyse at this width: motion needs no more, and it keeps the CPU cost small
 
@@ -37,15 +37,7 @@ def main(args: argparse.Namespace) -> int:
     summary = Every(1.0)
     with fb.Reader(args.name, name=args.reader_name, wait=10.0) as cam:
         say(f"motion: reading stream {args.name!r}")
-        while True:
-            try:
-                frame = cam.next(timeout=2.0)
-            except fb.FrameTimeout as exc:
-                say(f"motion: waiting: {exc}")
-                continue
-            except fb.SourceEnded as exc:
-                say(f"motion: {exc}")
-                return 0
+        for frame in fresh_frames(cam, "motion"):
             with frame:
                 image = frame.array
                 scale = WORK_WIDTH / image.shape[1]
@@ -77,3 +69,4 @@ def main(args: argparse.Namespace) -> int:
             if args.frames and processed >= args.frames:
                 say(f"motion: done after {processed} frames")
                 return 0
+    return 0

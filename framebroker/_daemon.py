@@ -16,7 +16,9 @@ from types import FrameType
 from typing import Optional
 
 from ._errors import SourceEnded, SourceError
-from ._publisher import DEFAULT_SLOTS, Publisher
+from ._layout import RingLayout
+from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
+from ._segment import resolve_group
 from ._status import describe_readers
 from .sources import GeometryChanged, Source, make_source, parse_source
 
@@ -46,6 +48,11 @@ class Daemon:
         self.source: Source = make_source(
             self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop
         )
+        # Everything that can be wrong with the arguments is found here, before anything starts,
+        # so the CLI can report it as a usage error (exit 2).
+        check_shape(self.source.provisional_shape(), pixel_format)
+        RingLayout.compute(slots, 0)
+        resolve_group(group)
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots
@@ -115,6 +122,7 @@ class Daemon:
                 f"{source.fps:g}" if source.fps else "unknown",
             )
             publisher.set_geometry(source.shape, self.pixel_format)
+            publisher.set_fps(source.fps)
             try:
                 self._pump(publisher)
                 backoff = BACKOFF_FIRST
@@ -156,7 +164,7 @@ class Daemon:
                 first = False
             stamp_ns = writer.timestamp_ns or 0
             period_ns = 1e9 / source.fps if source.fps else 0.0
-            if previous_ns and period_ns and stamp_ns - previous_ns > 1.5 * period_ns:
+            if source.may_drop_frames and previous_ns and period_ns and stamp_ns - previous_ns > 1.5 * period_ns:
                 publisher.add_source_drops(round((stamp_ns - previous_ns) / period_ns) - 1)
             previous_ns = stamp_ns
             self._log_reader_changes(publisher)

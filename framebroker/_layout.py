@@ -152,6 +152,7 @@ NEWEST_SEQ = struct.Struct("<Q")  # at LIVE_OFFSET: the hot field, read on every
 NEWEST_SEQ_OFFSET = LIVE_OFFSET
 GEOMETRY = struct.Struct("<IIIII")  # state, format, height, width, channels
 GEOMETRY_OFFSET = LIVE_OFFSET + 8
+STATE = struct.Struct("<I")  # the first field of GEOMETRY alone, read on every reader call
 COUNTERS = struct.Struct("<ddQQQQdQ")
 # configured_fps, measured_fps, frames_published, source_drops, publisher_drops,
 # last_publish_mono_ns, last_publish_wall, reconnects

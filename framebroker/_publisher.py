@@ -45,7 +45,7 @@ from ._layout import (
     validate_stream_name,
 )
 from ._ring import MAX_PENDING_WAKES, READER_REFRESH
-from ._segment import Segment, create_segment, resolve_group
+from ._segment import Segment, create_segment, discard_semaphores, resolve_group
 
 DEFAULT_SLOTS = 12
 MAX_FPS = 10_000.0
@@ -244,13 +244,7 @@ class Publisher:
         self._views = []
 
     def _close_segment(self, segment: Optional[Segment], semaphores: Sequence[posix_ipc.Semaphore], unlink: bool) -> None:
-        for sem in semaphores:
-            if unlink:
-                try:
-                    sem.unlink()
-                except posix_ipc.ExistentialError:
-                    pass
-            sem.close()
+        discard_semaphores(semaphores, unlink)
         if segment is not None:
             if unlink and segment.still_named():
                 try:
@@ -409,7 +403,8 @@ class Publisher:
         seq = self._seq + 1
         control = self._control
         shape = self._shape
-        wall = time.time()
+        # The capture instant on the wall clock, so wall_time and timestamp_ns name the same moment.
+        wall = time.time() - (time.monotonic_ns() - timestamp_ns) / 1e9
         META.pack_into(
             control,
             self._layout.meta(slot),
@@ -493,6 +488,14 @@ class Publisher:
                 self._refresh_readers_if_needed()
                 for sem in self._wake_list:
                     sem.release()
+
+    def set_fps(self, fps: float) -> None:
+        """The rate the source is configured for (0: unknown), shown by status as configured fps.
+
+        The daemon learns it only when the source opens (a file's own rate, what a camera
+        negotiated), after the Publisher was created with the rate the user asked for."""
+        self._check_open()
+        self._fps = check_fps(fps)
 
     def add_source_drops(self, count: int) -> None:
         """Count frames the source lost before they reached the ring (shown by status)."""

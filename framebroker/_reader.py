@@ -31,8 +31,11 @@ from ._layout import (
     ENTRY_PROGRESS_OFFSET,
     ENTRY_RATE,
     ENTRY_RATE_OFFSET,
+    COUNTERS,
+    COUNTERS_OFFSET,
     GEOMETRY,
     GEOMETRY_OFFSET,
+    STATE,
     LOCK_ATTACH,
     LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
@@ -76,6 +79,11 @@ class Frame:
     ``with frame:``, by the Reader handing out a frame beyond its ``hold`` budget (the oldest
     held frame goes first), or by ``Reader.close()``. After that, ``array`` raises
     ``FrameReleased``; a view you kept from before may then change, so ``copy()`` what you keep.
+
+    ``seq`` counts captured frames from 1 for the daemon's life (a gap is a frame this reader did
+    not see); ``timestamp_ns`` is the capture time on CLOCK_MONOTONIC (the driver's where it gives
+    one, comparable with ``time.monotonic_ns()``); ``wall_time`` is the same instant in epoch
+    seconds; ``shape`` and ``format`` ("bgr", "rgb" or "gray") describe the pixels.
 
     ``torch.from_numpy(frame.array)`` shares the memory without copying. PyTorch warns that the
     array is not writable: the tensor must be treated as read-only too (an in-place op on it
@@ -175,6 +183,32 @@ class Frame:
         )
 
 
+class FrameIterator:
+    """Iterator over a Reader's frames (``for frame in reader``, ``reader.ordered()``).
+
+    Unlike a generator it survives exceptions: after ``FrameTimeout`` the next ``next()`` waits
+    again. It stops when the stream ends (``SourceEnded``).
+    """
+
+    __slots__ = ("_reader", "_mode", "_timeout")
+
+    def __init__(self, reader: "Reader", mode: int, timeout: Optional[float]) -> None:
+        if timeout is not None:
+            _check_timeout(timeout)
+        self._reader = reader
+        self._mode = mode
+        self._timeout = timeout
+
+    def __iter__(self) -> "FrameIterator":
+        return self
+
+    def __next__(self) -> Frame:
+        try:
+            return self._reader._get(self._mode, self._timeout)
+        except SourceEnded:
+            raise StopIteration from None
+
+
 class _Attachment:
     """A reader's attachment to one segment instance: its entry, semaphore and leases."""
 
@@ -228,6 +262,14 @@ def _bump_table(control: Any) -> None:
     # the rescan until its periodic refresh.
     (value,) = TABLE_CHANGED.unpack_from(control, TABLE_CHANGED_OFFSET)
     TABLE_CHANGED.pack_into(control, TABLE_CHANGED_OFFSET, (value + 1) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:  # also rejects NaN
+        raise ValueError(f"timeout must be >= 0 seconds (or None to wait forever), got {timeout}")
+    return float(timeout)
 
 
 _live_readers: "weakref.WeakSet[Reader]" = weakref.WeakSet()
@@ -296,6 +338,9 @@ class Reader:
         self._fps = 0.0
         self._orphaned = False
         self._reattach_error = ""
+        self._seen_newest = -1  # newest_seq at the last call, and since when (see _stale)
+        self._seen_at = 0.0
+        self._next_check = 0.0
         deadline = time.monotonic() + float(wait)
         while True:
             try:
@@ -497,31 +542,36 @@ class Reader:
 
     def __iter__(self) -> Iterator[Frame]:
         """Fresh frames forever (repeated ``next()``); ends only when the stream ends."""
-        while True:
-            try:
-                yield self._get(ReaderMode.NEXT, None)
-            except SourceEnded:
-                return
+        return FrameIterator(self, ReaderMode.NEXT, None)
 
-    def ordered(self, timeout: Optional[float] = None) -> Iterator[Frame]:
+    def ordered(self, timeout: Optional[float] = None) -> "FrameIterator":
         """Every frame in order, starting with the newest; ``frame.dropped`` counts frames missed
-        since the previous one. ``timeout`` bounds each wait (``FrameTimeout``). Ends when the
-        stream ends."""
-        while True:
-            try:
-                yield self._get(ReaderMode.ORDERED, timeout)
-            except SourceEnded:
-                return
+        since the previous one. ``timeout`` bounds each wait: ``next()`` on the iterator raises
+        ``FrameTimeout`` and the iterator stays usable. Iteration ends when the stream ends."""
+        return FrameIterator(self, ReaderMode.ORDERED, timeout)
+
+    @property
+    def fps(self) -> float:
+        """The stream's frame rate: the one configured for the source, else the measured one
+        (0.0 while unknown)."""
+        attachment = self._current()
+        configured, measured = COUNTERS.unpack_from(attachment.control, COUNTERS_OFFSET)[:2]  # type: ignore[arg-type]
+        return float(configured or measured)
 
     def _get(self, mode: int, timeout: Optional[float]) -> Frame:
         attachment = self._current()
         if mode != self._mode:
             self._set_mode(attachment, mode)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
             attachment = self._current()
             control = attachment.control
             (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)  # type: ignore[arg-type]
+            (state,) = STATE.unpack_from(control, GEOMETRY_OFFSET)  # type: ignore[arg-type]
+            if state in (StreamState.ENDED, StreamState.REPLACED) or self._stale(newest):
+                self._check_stream(attachment, state, mode, newest)
+                if self._attachment is not attachment:
+                    continue  # moved to a new segment: start over there
             wanted = 1 if mode == ReaderMode.LIVE else self._last_seq + 1
             if newest >= wanted and not self._orphaned:
                 frame = self._lease(attachment, mode, newest)
@@ -529,6 +579,37 @@ class Reader:
                     return frame
                 continue
             self._wait(attachment, deadline, wanted)
+
+    def _stale(self, newest: int) -> bool:
+        """True, at most once per LIVENESS_STEP, while ``newest_seq`` has not moved for that long.
+
+        Waiting readers learn that the daemon died when their wait times out; this catches the
+        readers that never wait (``latest()`` always finds the last frame of a dead daemon).
+        """
+        now = time.monotonic()
+        if newest != self._seen_newest:
+            self._seen_newest = newest
+            self._seen_at = now
+            return False
+        if now - self._seen_at < LIVENESS_STEP or now < self._next_check:
+            return False
+        self._next_check = now + LIVENESS_STEP
+        return True
+
+    def _check_stream(self, attachment: _Attachment, state: int, mode: int, newest: int) -> None:
+        """React to an ended, replaced or ownerless segment (see "Daemon death" in _ring.py)."""
+        if self._orphaned:
+            return
+        if state == StreamState.REPLACED:
+            self._orphaned = True
+            self._reattach()
+        elif state == StreamState.ENDED:
+            if mode == ReaderMode.LIVE or newest <= self._last_seq:
+                raise SourceEnded(f"stream {self._stream!r} ended: {self._reason(attachment) or 'its source has no more frames'}")
+        elif not attachment.segment.owner_alive():
+            log.info("reader %r: the daemon of stream %r is gone; waiting for a new one", self._name, self._stream)
+            self._orphaned = True
+            self._reattach()
 
     def _set_mode(self, attachment: _Attachment, mode: int) -> None:
         self._mode = mode
@@ -649,21 +730,18 @@ class Reader:
     # --- waiting -------------------------------------------------------------------------------------------
 
     def _wait(self, attachment: _Attachment, deadline: Optional[float], wanted: int) -> None:
-        """Sleep until a post, the deadline or the next liveness check; handle daemon changes."""
+        """Sleep until a post, the deadline or the next liveness check."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise FrameTimeout(self._timeout_message(attachment, wanted))
         step = ORPHAN_STEP if self._orphaned else LIVENESS_STEP
         if deadline is not None:
             step = min(step, deadline - now)
-        if not self._orphaned:
-            state = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)[0]  # type: ignore[arg-type]
-            if state == StreamState.ENDED:
-                raise SourceEnded(f"stream {self._stream!r} ended: {self._reason(attachment) or 'its source has no more frames'}")
-            if state == StreamState.REPLACED:
-                self._orphaned = True
-                self._reattach()
-                return
+        if self._orphaned:
+            # Nothing will post the old semaphore: look for the new daemon every step.
+            time.sleep(step)
+            self._reattach()
+            return
         try:
             attachment.semaphore.acquire(step)
             return
@@ -675,10 +753,8 @@ class Reader:
             return
         except posix_ipc.Error as exc:
             log.debug("reader %r: waiting on stream %r failed (%r); looking for its daemon", self._name, self._stream, exc)
-            self._orphaned = True
-        if self._orphaned or not attachment.segment.owner_alive():
-            if not self._orphaned:
-                log.info("reader %r: the daemon of stream %r is gone; waiting for a new one", self._name, self._stream)
+        if not attachment.segment.owner_alive():
+            log.info("reader %r: the daemon of stream %r is gone; waiting for a new one", self._name, self._stream)
             self._orphaned = True
             self._reattach()
 

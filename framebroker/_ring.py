@@ -81,10 +81,14 @@ that the daemon is alive, which costs a few microseconds, not a busy loop.
 
 Daemon death and restart
 ------------------------
-A reader that finds ``LOCK_OWNER`` free (or the header state ``replaced``) keeps its current
-mapping (frames it holds stay valid: nothing writes that segment any more) and looks for a new
-segment under the stream's name. When a live one appears it attaches to it and goes on; its
-sequence numbers start again from 1.
+A reader checks ``LOCK_OWNER`` when a wait times out, and, so that readers which never wait
+(``latest()`` always finds the last frame) notice too, whenever ``newest_seq`` has not moved for
+``LIVENESS_STEP``. It reads the header state on every call. A reader that finds the owner lock
+free (or the state ``replaced``) keeps its current mapping (frames it holds stay valid: nothing
+writes that segment any more), stops handing out frames from it, and looks for a new segment under
+the stream's name every ``ORPHAN_STEP``. When a live one appears it attaches to it and goes on; its
+sequence numbers start again from 1. A finite source that ends sets the state ``ended``: readers
+get what is left, then ``SourceEnded``.
 """
 
 from __future__ import annotations

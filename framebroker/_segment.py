@@ -39,6 +39,7 @@ from ._layout import (
     segment_path,
     semaphore_file_prefix,
     semaphore_name,
+    validate_stream_name,
 )
 from ._locks import ByteLocks
 
@@ -63,8 +64,13 @@ def _describe_mode(st: os.stat_result) -> str:
 def parse_static_header(raw: bytes, st: os.stat_result, path: str) -> StaticHeader:
     """Validate a header read from ``path``; raise IncompatibleSegment if it cannot be trusted."""
     remedy = f"If no framebroker daemon of another version uses it, remove it: rm {path}"
-    if len(raw) < STATIC.size or raw[:8] != MAGIC:
+    if raw[:8] != MAGIC[: len(raw[:8])] or not raw:
         raise IncompatibleSegment(f"{path} is not a framebroker ring (unknown magic). {remedy}")
+    if st.st_size < HEADER_SIZE or len(raw) < STATIC.size:
+        raise IncompatibleSegment(
+            f"{path} is truncated ({st.st_size} bytes, not even a header); framebroker never leaves one like "
+            f"that under a stream's name. Remove it: rm {path}"
+        )
     (
         _magic,
         version,
@@ -261,12 +267,13 @@ def _apply_permissions(path_or_fd: "int | str", gid: Optional[int]) -> None:
         os.chmod(path_or_fd, mode)
 
 
-def _probe_existing(stream: str, path: str) -> None:
-    """Raise if a live or untrusted object holds the name; remove it if it is a stale ring of ours."""
+def _probe_existing(stream: str, path: str) -> Optional[StaticHeader]:
+    """Raise if a live or untrusted object holds the name; remove it if it is a stale ring of ours
+    (and return its header)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        return None
     except PermissionError:
         st = os.stat(path)
         raise IncompatibleSegment(
@@ -296,8 +303,22 @@ def _probe_existing(stream: str, path: str) -> None:
             if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
                 os.unlink(path)
         remove_semaphores(stream, keep_epoch=None)
+        return header
     finally:
         os.close(fd)
+
+
+def remove_stale(stream: str) -> Optional[StaticHeader]:
+    """Remove the segment and semaphores a dead daemon left under ``stream``.
+
+    Returns the removed segment's header, or None if there was nothing. Raises StreamBusy if a
+    live daemon serves the stream and IncompatibleSegment for anything framebroker did not make:
+    neither is ever touched.
+    """
+    validate_stream_name(stream)
+    removed = _probe_existing(stream, segment_path(stream))
+    _remove_dead_drafts(stream)
+    return removed
 
 
 def remove_semaphores(stream: str, keep_epoch: Optional[int]) -> None:
@@ -314,6 +335,20 @@ def remove_semaphores(stream: str, keep_epoch: Optional[int]) -> None:
                 os.unlink(os.path.join(SHM_DIR, entry))
             except OSError:
                 pass
+
+
+def discard_semaphores(semaphores: "list[posix_ipc.Semaphore] | tuple", unlink: bool) -> None:
+    """Close (and optionally unlink) a stream's semaphores; already-removed ones are fine."""
+    for sem in semaphores:
+        if unlink:
+            try:
+                sem.unlink()
+            except posix_ipc.ExistentialError:
+                pass
+        try:
+            sem.close()
+        except posix_ipc.Error:
+            pass
 
 
 def _remove_dead_drafts(stream: str) -> None:
@@ -422,12 +457,7 @@ def create_segment(
             os.close(named)
         return segment, semaphores
     except BaseException:
-        for sem in semaphores:
-            try:
-                sem.unlink()
-            except posix_ipc.ExistentialError:
-                pass
-            sem.close()
+        discard_semaphores(semaphores, unlink=True)
         if segment is not None:
             segment.close()
         else:
@@ -468,11 +498,6 @@ def open_segment(stream: str, *, for_status: bool = False) -> Segment:
         ) from None
     try:
         st = os.fstat(fd)
-        if st.st_size < HEADER_SIZE:
-            raise IncompatibleSegment(
-                f"{path} is truncated ({st.st_size} bytes, not even a header). "
-                f"If no daemon is starting right now, remove it: rm {path}"
-            )
         header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, path)
         if header.name != stream:
             raise IncompatibleSegment(f"{path} names stream {header.name!r}, not {stream!r}; refusing it.")

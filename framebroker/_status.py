@@ -34,6 +34,7 @@ from ._layout import (
     StreamState,
     decode_text,
 )
+from ._reader import RATE_WINDOW
 from ._ring import read_entry
 from ._segment import Segment, list_stream_names, open_segment
 
@@ -62,13 +63,19 @@ def describe_readers(segment: Segment) -> list[dict[str, Any]]:
             continue
         entry = read_entry(control, layout.entry(index))
         last_frame = entry["last_frame_wall"]
+        fps = entry["fps"]
+        # A reader refreshes its rate with the first frame it takes RATE_WINDOW after the last
+        # refresh, so a much older refresh means it stopped taking frames (stuck, or the stream
+        # stalled): its last rate would be a lie.
+        if fps and last_frame and now - last_frame > 2 * RATE_WINDOW + 3.0 / fps:
+            fps = 0.0
         readers.append(
             {
                 "entry": index,
                 "pid": entry["pid"],
                 "name": entry["name"],
                 "mode": ReaderMode.NAMES.get(entry["mode"], "unknown"),
-                "fps": round(entry["fps"], 2),
+                "fps": round(fps, 2),
                 "frames": entry["frames"],
                 "last_seq": entry["last_seq"],
                 "lag": max(0, newest - entry["last_seq"]) if entry["last_seq"] else None,
@@ -109,8 +116,10 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     if not alive:
         state_name = "dead"
     last_age = (now_mono - last_mono_ns) / 1e9 if last_mono_ns else None
-    # A stale measured rate would be a lie once frames stop: report what is flowing now.
-    if last_age is not None and configured_fps and last_age > 3.0 / max(configured_fps, 0.1) + 1.0:
+    # The daemon refreshes its measured rate about once a second while frames flow; once they
+    # stop (or the daemon died) the last value would be a lie: report what is flowing now.
+    expected_fps = configured_fps or measured_fps
+    if not alive or (last_age is not None and last_age > 1.0 + 3.0 / max(expected_fps, 0.1)):
         measured_fps = 0.0
     return {
         "name": segment.stream,
@@ -182,11 +191,36 @@ def _age(seconds: Optional[float]) -> str:
         return f"{seconds:.1f}s"
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
 
 
 def _since(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def _fps(value: float) -> str:
+    return f"{value:g}" if value else "unknown"
+
+
+def state_line(stream: dict[str, Any], now: Optional[float] = None) -> str:
+    """One line saying what a stream is doing, for how long and why (table and preview page)."""
+    if "error" in stream:
+        return f"{stream['state']}: {stream['error']}"
+    state = stream["state"]
+    if state == "dead":
+        return (
+            f"dead: its daemon (pid {stream['pid']}) is gone, last frame {_age(stream['last_frame_age_s'])} ago; "
+            f"shown from the shared memory it left behind (a restarted daemon takes it over; "
+            f"framebroker clean {stream['name']} removes it)"
+        )
+    since = stream.get("state_since") or 0.0
+    now = time.time() if now is None else now
+    text = state + (f" for {_age(max(0.0, now - since))}" if since else "")
+    if stream["reason"] and state != "streaming":
+        text += f": {stream['reason']}"
+    return text
 
 
 def render_table(document: dict[str, Any]) -> str:
@@ -194,33 +228,31 @@ def render_table(document: dict[str, Any]) -> str:
     lines: list[str] = []
     streams = document["streams"]
     if not streams:
-        return "no streams (start one with: framebroker serve test:// --name cam0)"
+        return "no streams (start one with: framebroker serve test:// --name cam0)\n"
+    now = document.get("time") or time.time()
     for stream in streams:
+        lines.append(f"stream {stream['name']}: {state_line(stream, now)}")
         if "error" in stream:
-            lines.append(f"{stream['name']}: {stream['state']}: {stream['error']}")
             lines.append("")
             continue
-        state = stream["state"]
-        if stream["reason"] and state not in ("streaming",):
-            state += f" ({stream['reason']})"
-        if state.startswith("dead"):
-            state = f"dead: daemon pid {stream['pid']} is gone; segment left behind (a new daemon takes it over)"
-        lines.append(f"stream {stream['name']}: {state}")
+        dead = stream["state"] == "dead"
         lines.append(
             f"  source {stream['source'] or '-'}   {stream['width']}x{stream['height']} {stream['format']}   "
-            f"fps {stream['measured_fps']:.1f} (configured {stream['configured_fps']:g})"
+            f"fps {stream['measured_fps']:.1f} measured, {_fps(stream['configured_fps'])} configured"
         )
         lines.append(
-            f"  seq {stream['seq']}   source drops {stream['source_drops']}   last frame {_age(stream['last_frame_age_s'])} ago   "
-            f"daemon pid {stream['pid']}   up {_age(stream['uptime_s'])}   {stream['slots']} slots, "
-            f"{stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
+            f"  seq {stream['seq']}   dropped at source {stream['source_drops']}   "
+            f"last frame {_age(stream['last_frame_age_s'])} ago   reconnects {stream['reconnects']}"
+        )
+        lines.append(
+            f"  daemon pid {stream['pid']}{' (gone)' if dead else ''}   up {'-' if dead else _age(stream['uptime_s'])}   "
+            f"{stream['slots']} slots, {stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
         )
         readers = stream["readers"]
         if not readers:
             lines.append("  no readers")
         else:
-            header = f"  {'PID':>7}  {'NAME':<18} {'MODE':<8} {'FPS':>6} {'LAG':>5} {'DROPPED':>8} {'HELD':>5}  {'SINCE':<8}  INFO"
-            lines.append(header)
+            lines.append(f"  {'PID':>7}  {'NAME':<18} {'MODE':<8} {'FPS':>6} {'LAG':>5} {'DROPPED':>8} {'HELD':>5}  {'SINCE':<8}  INFO")
             for reader in readers:
                 info = reader["info"]
                 info_text = " ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else str(info)
@@ -233,4 +265,4 @@ def render_table(document: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["collect", "describe_readers", "describe_segment", "describe_stream", "render_table"]
+__all__ = ["SCHEMA_VERSION", "collect", "describe_readers", "describe_segment", "describe_stream", "render_table", "state_line"]

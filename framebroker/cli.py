@@ -1,7 +1,7 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
+record, snapshot, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
 only the public API; they are imported only when their command runs.
 """
 
@@ -12,6 +12,8 @@ import importlib
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -28,6 +30,9 @@ CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
     "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
     "read": ("plain_reader", "plain reader: prints seq, timestamp, fps and gaps of the frames it gets"),
+    "record": ("recorder", "recorder: H.264 in MPEG-TS with true timestamps, to a file, segments, UDP or SRT"),
+    "view": ("preview", "browser preview: live MJPEG picture, status page and Prometheus /metrics (127.0.0.1:8080)"),
+    "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
 }
 
 
@@ -114,6 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=float_in(0.05, 3600, "--interval"), default=1.0, help="seconds between --watch refreshes")
 
+    check = commands.add_parser(
+        "check",
+        help="self-check: do frames flow from a source or stream? fps, frame age, a snapshot",
+        description=(
+            "Open SOURCE directly (test://, a file, /dev/video0, csi://0, rtsp://..., as framebroker serve would; "
+            "the camera must be free) or attach to the stream NAME a daemon serves, measure resolution, real fps "
+            "against the configured rate, frame age and dropped frames for a few seconds, save one snapshot and "
+            "print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
+        ),
+    )
+    check.add_argument("target", metavar="SOURCE|NAME", help="a source URI or path, or the name of a served stream")
+    check.add_argument("--seconds", type=float_in(0, 3600, "--seconds"), default=3.0, help="how long to measure once frames flow (default 3)")
+    check.add_argument(
+        "--timeout", type=float_in(0, 3600, "--timeout"), default=10.0, help="fail if no frame arrives within this many seconds (default 10)"
+    )
+    check.add_argument("-o", "--output", metavar="FILE", help="snapshot file, .jpg or .png (default: a new file in the temp directory)")
+    add_geometry_options(check)
+    check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
+
+    clean = commands.add_parser(
+        "clean",
+        help="remove the shared memory that dead daemons left behind (never a live stream's)",
+        description="Remove segments and semaphores left in /dev/shm by daemons that died (kill -9, crash, "
+        "power loss of a container). Live streams and objects framebroker did not create are left alone. "
+        "A restarted daemon reclaims its own stream by itself; this is for streams that will not come back.",
+    )
+    clean.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
+
     demo = commands.add_parser(
         "demo",
         help="run a test:// daemon with the example consumers and a live status summary",
@@ -177,19 +210,159 @@ def _status(args: argparse.Namespace) -> int:
         if args.name is not None and document["streams"][0]["state"] in ("absent", "incompatible", "no-access"):
             return EXIT_FAILURE
         return EXIT_OK
-    interactive = sys.stdout.isatty()
+    _exit_on_sigterm()
+    if args.json:
+        # One compact document per line whatever stdout is, so a log or `jq` can follow it.
+        while True:
+            print(json.dumps(collect(args.name)), flush=True)
+            time.sleep(args.interval)
+    if sys.stdout.isatty():
+        return _watch_in_place(args)
+    # Not a terminal (a pipe, a log file): cursor movements would be garbage there, so each
+    # refresh is appended under a time stamp instead.
+    while True:
+        sys.stdout.write(time.strftime("--- %H:%M:%S framebroker status\n") + render_table(collect(args.name)) + "\n")
+        sys.stdout.flush()
+        time.sleep(args.interval)
+
+
+def _watch_in_place(args: argparse.Namespace) -> int:
+    """Redraw the status table over itself until Ctrl-C, like top(1)."""
+    from ._status import collect, render_table
+
+    out = sys.stdout
+    out.write("\x1b[?25l\x1b[H\x1b[2J")  # hide the cursor; clear the screen once
     try:
         while True:
-            document = collect(args.name)
-            text = json.dumps(document) + "\n" if args.json else render_table(document)
-            if interactive and not args.json:
-                sys.stdout.write("\x1b[H\x1b[J" + time.strftime("%H:%M:%S  framebroker status (Ctrl-C to quit)\n\n") + text)
-            else:
-                sys.stdout.write(text)
-            sys.stdout.flush()
+            size = shutil.get_terminal_size()
+            text = time.strftime("%H:%M:%S  framebroker status (Ctrl-C to quit)\n\n") + render_table(collect(args.name))
+            rows: list[str] = []
+            for line in text.splitlines():
+                # Wrap by hand so the row count is exact: the redraw must cover the screen's rows.
+                rows.extend(line[start : start + size.columns] for start in range(0, max(len(line), 1), size.columns))
+            if len(rows) >= size.lines:
+                hidden = len(rows) - size.lines + 2
+                rows = rows[: size.lines - 2] + [f"... {hidden} more lines: enlarge the terminal or name one stream"]
+            # Home, each row cleared to its end, then everything below: no full clear, no flicker.
+            out.write("\x1b[H" + "".join(row + "\x1b[K\n" for row in rows) + "\x1b[J")
+            out.flush()
             time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return EXIT_OK
+    finally:
+        out.write("\x1b[?25h")
+        out.flush()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends a long-running command like Ctrl-C does (exit 0, terminal restored)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._check import IMAGE_EXTENSIONS, CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, save_image, summarize
+
+    if args.output and not args.output.lower().endswith(IMAGE_EXTENSIONS):
+        raise UsageError(f"--output {args.output!r}: the snapshot file name must end in .jpg, .jpeg or .png")
+    source_options = [flag for flag in ("width", "height", "fps", "format") if getattr(args, flag) is not None]
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        target = resolve_target(args.target)
+        if target.kind == "stream":
+            if source_options:
+                raise UsageError(
+                    f"--{', --'.join(source_options)} {'apply' if len(source_options) > 1 else 'applies'} only to a SOURCE; "
+                    f"stream {target.text!r} already has its geometry "
+                    "(set it on framebroker serve)"
+                )
+            if target.note:
+                say(f"note: {target.text!r} is a stream {target.note}")
+            report = check_stream(target.text, seconds=args.seconds, timeout=args.timeout, say=say)
+        else:
+            try:
+                report = check_source(
+                    target.text,
+                    seconds=args.seconds,
+                    timeout=args.timeout,
+                    width=args.width,
+                    height=args.height,
+                    fps=args.fps,
+                    pixel_format=args.format or "bgr",
+                    say=say,
+                )
+            except (ValueError, TypeError) as exc:
+                raise UsageError(str(exc)) from None
+    except CheckFailed as exc:
+        say(f"FAIL: {exc}{_busy_hint(args.target)}")
+        return EXIT_FAILURE
+    snapshot_error = ""
+    snapshot: "str | None" = args.output or default_snapshot_path(report.label)
+    try:
+        save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
+        snapshot = None
+    flowing, warnings = summarize(report, snapshot, say=say)
+    for warning in warnings:
+        say(f"  warning: {warning}")
+    if not flowing:
+        say(f"FAIL: no frame from {report.label}: {report.ended or 'nothing arrived'}")
+        return EXIT_FAILURE
+    if snapshot_error:
+        say(f"FAIL: frames flow from {report.label}, but {snapshot_error}. Choose a writable file with -o")
+        return EXIT_FAILURE
+    height, width = report.shape[:2]
+    extra = f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''} above)" if warnings else ""
+    say(f"OK: frames flow from {report.label}: {width}x{height} at {report.measured_fps():.1f} fps{extra}")
+    return EXIT_OK
+
+
+def _busy_hint(target: str) -> str:
+    """A failed source check may fail only because a daemon holds the camera: say which one."""
+    from ._status import collect
+    from .sources import parse_source
+
+    try:
+        display = parse_source(target).display
+    except (ValueError, TypeError):
+        return ""
+    for stream in collect()["streams"]:
+        if stream.get("alive") and stream.get("source") == display:
+            return (
+                f". Note: stream {stream['name']!r} (daemon pid {stream['pid']}) serves this source and may hold the "
+                f"device; check the stream instead: framebroker check {stream['name']}"
+            )
+    return ""
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from ._errors import IncompatibleSegment, StreamBusy
+    from ._segment import list_stream_names, remove_stale
+
+    names = [args.name] if args.name else list_stream_names()
+    failed = False
+    for name in names:
+        try:
+            header = remove_stale(name)
+        except StreamBusy as exc:
+            print(f"{name}: live (daemon pid {exc.pid}), left alone")
+            continue
+        except (IncompatibleSegment, OSError) as exc:
+            print(f"{name}: left alone: {exc}")
+            failed = True
+            continue
+        if header is None:
+            print(f"{name}: nothing to remove")
+        else:
+            print(f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)")
+    if not names:
+        print("nothing to clean")
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -207,8 +380,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _serve(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "check":
+            return _check(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "clean":
+            return _clean(args)
         client = importlib.import_module(f"framebroker.clients.{args.client_module}")
         return int(client.main(args) or 0)
     except UsageError as exc:

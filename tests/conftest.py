@@ -161,8 +161,11 @@ class Env:
         self.procs.append(proc)
         return proc
 
+    def worker_argv(self, role: str, stream: str) -> list[str]:
+        return [sys.executable, WORKERS, role, stream]
+
     def worker(self, role: str, stream: str, *args: str) -> Proc:
-        return self.spawn([sys.executable, WORKERS, role, stream, *args], label=f"worker {role}")
+        return self.spawn([*self.worker_argv(role, stream), *args], label=f"worker {role}")
 
     def cli(self, *args: str, **kwargs: Any) -> Proc:
         return self.spawn(framebroker_command(*args), label="framebroker " + " ".join(args[:2]), **kwargs)

@@ -295,3 +295,22 @@ def test_signal_during_a_wait_is_a_wake_up_not_a_lost_stream(env):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_ordered_iterator_survives_a_timeout_and_fps_is_public(env):
+    name = env.name()
+    shape = (16, 32, 3)
+    with fb.Publisher(name, shape=shape, fps=25) as pub, fb.Reader(name) as cam:
+        assert cam.fps == 25.0
+        frames = cam.ordered(timeout=0.1)
+        with pytest.raises(fb.FrameTimeout):
+            next(frames)
+        pub.publish(testpattern.render(1, shape))
+        pub.publish(testpattern.render(2, shape))
+        assert next(frames).seq == 2, "ordered() starts with the newest frame"
+        pub.publish(testpattern.render(3, shape))
+        assert next(frames).seq == 3
+        with pytest.raises(fb.FrameTimeout):
+            next(frames)
+        pub.publish(testpattern.render(4, shape))
+        assert next(frames).seq == 4, "the same iterator goes on after a timeout"

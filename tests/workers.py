@@ -183,7 +183,53 @@ def idle(args: argparse.Namespace) -> int:
     return 0
 
 
-ROLES = {"produce": produce, "verify": verify_loop, "hold": hold, "churn": churn, "follow": follow, "idle": idle}
+def survive(args: argparse.Namespace) -> int:
+    """Read in one mode (latest / next / ordered) through anything (daemon restarts included),
+    checking every frame, and report progress every 0.2 s until --seconds are up."""
+    counts = {"frames": 0, "bad": 0, "timeouts": 0, "last_seq": 0, "restarts_seen": 0}
+    deadline = time.monotonic() + args.seconds
+    next_report = 0.0
+    with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
+        emit(event="ready", pid=os.getpid())
+        frames = cam.ordered(timeout=1.0) if args.mode == "ordered" else None
+        while time.monotonic() < deadline:
+            try:
+                if frames is not None:
+                    frame = next(frames)
+                elif args.mode == "latest":
+                    frame = cam.latest(timeout=1.0)
+                else:
+                    frame = cam.next(timeout=1.0)
+            except fb.FrameTimeout:
+                counts["timeouts"] += 1
+                frames = cam.ordered(timeout=1.0) if args.mode == "ordered" else None
+                continue
+            if frame.seq < counts["last_seq"]:
+                counts["restarts_seen"] += 1  # a new daemon numbers from 1 again
+            if frame.seq != counts["last_seq"]:
+                counts["frames"] += 1
+                if testpattern.verify(frame.array) != frame.seq:
+                    counts["bad"] += 1
+            counts["last_seq"] = frame.seq
+            if args.mode == "latest":
+                time.sleep(0.005)  # a consumer that samples the newest frame now and then
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + 0.2
+                emit(event="progress", t=now, **counts)
+        emit(event="done", **counts)
+    return 0
+
+
+ROLES = {
+    "produce": produce,
+    "verify": verify_loop,
+    "hold": hold,
+    "churn": churn,
+    "follow": follow,
+    "idle": idle,
+    "survive": survive,
+}
 
 
 def main() -> int:

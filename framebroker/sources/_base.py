@@ -34,6 +34,9 @@ class Source:
     """
 
     finite = False  # True for sources that end (a file without ?loop=1)
+    # False for sources that make every frame themselves on a schedule (test://, files): a late
+    # frame from them is late, not lost, so gaps between their timestamps are not drops.
+    may_drop_frames = True
     default_size = (480, 640)
 
     def __init__(

@@ -184,8 +184,10 @@ class GstPipeSource(Source):
                 break
         else:
             errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))]
-            detail = errors[0] if errors else (lines[-1] if lines else "")
+            detail = errors[0] if errors else ""
         code = self._process.returncode if self._process is not None else None
+        if not detail and code == 0:
+            detail = "the source ended the stream (end of stream)"
         return redact(f"{self.description}: pipeline stopped (exit {code})" + (f": {detail}" if detail else ""))
 
     _renegotiated = False

@@ -49,6 +49,8 @@ class _OpenCVSource(Source):
 class FileSource(_OpenCVSource):
     """``file:///path.mp4`` or a bare path; paced at the file's own frame rate; ``?loop=1`` repeats."""
 
+    may_drop_frames = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loop = self.spec.options.get("loop", "0") not in ("0", "", "false", "no")

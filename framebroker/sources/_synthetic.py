@@ -15,6 +15,7 @@ class TestPatternSource(Source):
     """Frame ``n`` (1, 2, 3, ...) is ``testpattern.render(n)``, drawn straight into the slot."""
 
     __test__ = False  # not a pytest test class, despite the name
+    may_drop_frames = False
 
     def open(self) -> None:
         height, width = self.shape[:2]

@@ -1,0 +1,360 @@
+"""``framebroker view NAME``: a browser preview of one stream.
+
+One page (``/``) shows the live picture as MJPEG (``/stream.mjpg``, multipart/x-mixed-replace,
+which every browser plays in an ``<img>``) next to the stream's status, refreshed every second
+from ``/status.html``. ``/status.json`` is ``framebroker status NAME --json`` plus the preview's
+own counters; ``/metrics`` is the same in Prometheus text format.
+
+HTTP comes from the standard library's ``ThreadingHTTPServer``: a thread per connection suits
+a handful of long-lived MJPEG viewers, and the preview adds no dependency to install on a
+Jetson. JPEG encoding happens once per frame in ``JpegHub`` however many browsers watch, and
+not at all while none does. It binds to 127.0.0.1 unless ``--host`` says otherwise: there is
+no authentication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import re
+import select
+import socket
+import sys
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import framebroker as fb
+
+from . import _prometheus
+from ._common import exit_on_sigterm, say
+from ._mjpeg import JpegHub
+
+log = logging.getLogger("framebroker.view")
+
+BOUNDARY = b"framebroker-frame"
+# Stream names as the product contract fixes them (design section 2.10).
+STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _int_in(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-fps must be a number, got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"--max-fps must be between 0 (every frame) and 1000, got {text}")
+    return value
+
+
+def _stream_name(text: str) -> str:
+    if not STREAM_NAME.fullmatch(text) or set(text) == {"."}:
+        raise argparse.ArgumentTypeError(f"invalid stream name {text!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", type=_stream_name, help="stream to show (it may start later)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_int_in(0, 65535, "--port"), default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    parser.add_argument("--quality", type=_int_in(1, 100, "--quality"), default=80, help="JPEG quality 1-100 (default 80)")
+    parser.add_argument("--max-fps", type=_fps, default=15.0, help="encode at most this many pictures a second (default 15; 0: every frame)")
+    parser.add_argument("--max-viewers", type=_int_in(1, 1000, "--max-viewers"), default=16, help="MJPEG viewers at once (default 16)")
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>framebroker: {name}</title>
+<style>
+  body {{ margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f4f4f2; color: #1d1d1b; }}
+  header {{ background: #1d1d1b; color: #f4f4f2; padding: 10px 16px; font-size: 16px; }}
+  header b {{ color: #ffd75e; }}
+  main {{ display: flex; flex-wrap: wrap; gap: 16px; padding: 16px; align-items: flex-start; }}
+  figure {{ margin: 0; }}
+  #picture {{ display: block; max-width: 100%; min-width: 320px; min-height: 240px; background: #000; }}
+  #status {{ flex: 1; min-width: 360px; }}
+  h2 {{ font-size: 18px; margin: 0 0 8px; }}
+  h3 {{ font-size: 15px; margin: 16px 0 6px; }}
+  table {{ border-collapse: collapse; }}
+  th, td {{ text-align: left; padding: 2px 10px 2px 0; vertical-align: top; }}
+  table.readers th {{ border-bottom: 1px solid #bbb; }}
+  table.readers td.n {{ text-align: right; }}
+  .state {{ padding: 1px 8px; border-radius: 9px; color: #fff; background: #777; font-weight: normal; }}
+  .state-streaming {{ background: #2f7d32; }}
+  .state-reconnecting, .state-starting {{ background: #b26a00; }}
+  .state-dead, .state-absent, .state-ended, .state-stopped {{ background: #b3261e; }}
+  .message {{ background: #fff3cd; border: 1px solid #e0c36c; padding: 6px 10px; }}
+  .preview {{ color: #555; margin-top: 16px; }}
+</style>
+</head>
+<body>
+<header>framebroker &middot; stream <b>{name}</b> on {host}</header>
+<main>
+<figure><img id="picture" src="stream.mjpg" alt="live picture of stream {name}"></figure>
+<section id="status">{status}</section>
+</main>
+<script>
+  // The status part refreshes itself; the picture reconnects if its connection drops
+  // (the preview restarted, the network blinked).
+  const statusBox = document.getElementById("status");
+  setInterval(() => {{
+    fetch("status.html", {{cache: "no-store"}})
+      .then((reply) => reply.ok ? reply.text() : Promise.reject(reply.status))
+      .then((text) => {{ statusBox.innerHTML = text; }})
+      .catch(() => {{}});
+  }}, 1000);
+  const picture = document.getElementById("picture");
+  picture.addEventListener("error", () => {{
+    setTimeout(() => {{ picture.src = "stream.mjpg?" + Date.now(); }}, 2000);
+  }});
+</script>
+</body>
+</html>
+"""
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _clock(wall: Optional[float]) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(wall)) if wall else "-"
+
+
+def status_fragment(stream: dict[str, Any], preview: dict[str, Any]) -> str:
+    """The status part of the page: the same facts as ``framebroker status NAME``, escaped."""
+    e = html.escape
+    state = stream["state"]
+    if "error" in stream:
+        state_text = state
+    elif state == "dead":
+        state_text = f"dead: daemon pid {stream['pid']} is gone"
+    else:
+        since = stream.get("state_since")
+        state_text = state + (f" for {_age(max(0.0, time.time() - since))}" if since else "")
+    parts = [f'<h2>stream {e(stream["name"])} <span class="state state-{e(state)}">{e(state_text)}</span></h2>']
+    problems = [text for text in (stream.get("error"), stream.get("reason") if state != "streaming" else "", preview["message"]) if text]
+    for text in dict.fromkeys(problems):  # in order, without repeats
+        parts.append(f'<p class="message">{e(text)}</p>')
+    if "error" not in stream:
+        configured = f"{stream['configured_fps']:g}" if stream["configured_fps"] else "unknown"
+        facts = [
+            ("source", stream["source"] or "-"),
+            ("picture", f"{stream['width']}x{stream['height']} {stream['format']}"),
+            ("fps", f"{stream['measured_fps']:.1f} measured, {configured} configured"),
+            ("seq", str(stream["seq"])),
+            ("dropped at source", str(stream["source_drops"])),
+            ("last frame", f"{_age(stream['last_frame_age_s'])} ago"),
+            ("reconnects", str(stream["reconnects"])),
+            (
+                "daemon",
+                f"pid {stream['pid']}{' (gone)' if state == 'dead' else ''}, up {_age(stream['uptime_s'])}, "
+                f"{stream['slots']} slots ({stream['shm_bytes'] / (1 << 20):.1f} MiB), mode {stream['mode']}",
+            ),
+        ]
+        parts.append('<table class="facts">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
+        readers = stream["readers"]
+        parts.append(f"<h3>readers ({len(readers)})</h3>")
+        if readers:
+            header = "".join(f"<th>{h}</th>" for h in ("pid", "name", "mode", "fps", "lag", "dropped", "held", "since", "info"))
+            rows = []
+            for reader in readers:
+                info = reader["info"]
+                info_text = " ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else str(info)
+                cells = [
+                    ("n", str(reader["pid"])),
+                    ("", reader["name"]),
+                    ("", reader["mode"]),
+                    ("n", f"{reader['fps']:.1f}"),
+                    ("n", "-" if reader["lag"] is None else str(reader["lag"])),
+                    ("n", str(reader["dropped"])),
+                    ("n", f"{reader['held']}/{reader['hold']}"),
+                    ("", _clock(reader["attached_since"])),
+                    ("", info_text),
+                ]
+                rows.append("<tr>" + "".join(f'<td class="{c}">{e(v)}</td>' for c, v in cells) + "</tr>")
+            parts.append(f'<table class="readers"><tr>{header}</tr>{"".join(rows)}</table>')
+        else:
+            parts.append("<p>no readers</p>")
+    viewers = preview["viewers"]
+    limit = f"at most {preview['max_fps']:g} fps" if preview["max_fps"] else "every frame"
+    parts.append(
+        f'<p class="preview">preview: {viewers} viewer{"" if viewers == 1 else "s"}, {preview["jpeg_encodes"]} JPEG encodes, '
+        f'{preview["frames_sent"]} pictures sent, quality {preview["quality"]}, {limit} &middot; '
+        '<a href="metrics">metrics</a> &middot; <a href="status.json">status.json</a></p>'
+    )
+    return "\n".join(parts)
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+
+
+class PreviewServer(ThreadingHTTPServer):
+    """The HTTP server; a thread per connection, none of which keeps the process alive."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], hub: JpegHub, stream: str, max_viewers: int) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.hub = hub
+        self.stream = stream
+        self.max_viewers = max_viewers
+        super().__init__(address, PreviewHandler)
+
+    def status(self) -> dict[str, Any]:
+        document = fb.status(self.stream)
+        document["preview"] = self.hub.stats()
+        return document
+
+
+class PreviewHandler(BaseHTTPRequestHandler):
+    server: PreviewServer
+    server_version = "framebroker-view"
+    # Socket timeout: a browser that stops reading gives up its thread after this long.
+    timeout = 30
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        try:
+            if path in ("/", "/index.html"):
+                self._page()
+            elif path == "/stream.mjpg":
+                self._mjpeg()
+            elif path == "/status.html":
+                document = self.server.status()
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", status_fragment(document["streams"][0], document["preview"]).encode())
+            elif path == "/status.json":
+                self._send(HTTPStatus.OK, "application/json", json.dumps(self.server.status(), indent=2).encode())
+            elif path == "/metrics":
+                document = self.server.status()
+                self._send(HTTPStatus.OK, _prometheus.CONTENT_TYPE, _prometheus.render(document["streams"], document["preview"]).encode())
+            elif path == "/favicon.ico":
+                self._send(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
+            else:
+                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try / (the page), /stream.mjpg, /status.json or /metrics\n")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the browser went away; nothing to tell it
+
+    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _page(self) -> None:
+        document = self.server.status()
+        page = PAGE.format(
+            name=html.escape(self.server.stream),
+            host=html.escape(document["host"]),
+            status=status_fragment(document["streams"][0], document["preview"]),
+        )
+        self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
+
+    def _mjpeg(self) -> None:
+        hub = self.server.hub
+        if not hub.add_viewer(self.server.max_viewers):
+            message = f"too many viewers: at most {self.server.max_viewers} (framebroker view --max-viewers)\n"
+            self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", message.encode())
+            return
+        try:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            number = 0
+            while not hub.stopping:
+                newest = hub.wait_newer(number, timeout=1.0)
+                if newest is None:
+                    if self._browser_left():
+                        return
+                    continue
+                number, jpeg = newest
+                head = b"--%s\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % (BOUNDARY, len(jpeg))
+                self.wfile.write(head + jpeg + b"\r\n")
+                hub.count_sent()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass
+        finally:
+            hub.remove_viewer()
+
+    def _browser_left(self) -> bool:
+        """While no picture is sent, a closed connection is seen only by looking: EOF is readable."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    exit_on_sigterm()
+    hub = JpegHub(args.name, quality=args.quality, max_fps=args.max_fps)
+    try:
+        server = PreviewServer((args.host, args.port), hub, args.name, args.max_viewers)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(
+            f"framebroker view: cannot listen on {args.host} port {args.port}: {reason}. "
+            "Pick another --port (0 picks a free one) or --host",
+            file=sys.stderr,
+        )
+        return 1
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if not (host.startswith("127.") or host in ("::1", "localhost")):
+        print(
+            f"framebroker view: warning: listening on {host}: anyone who can reach this machine on port {port} "
+            "sees the camera (there is no authentication)",
+            file=sys.stderr,
+        )
+    hub.start()
+    say(f"view: stream {args.name} at http://{shown}:{port}/ (picture /stream.mjpg, metrics /metrics); Ctrl-C to stop")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        hub.stop()
+        server.server_close()
+    return 0

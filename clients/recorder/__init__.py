@@ -1,0 +1,256 @@
+"""``framebroker record``: H.264 in MPEG-TS from a stream, with true timestamps (design.md section 6).
+
+    framebroker record cam0 -o cam0.ts --duration 60
+    framebroker record cam0 --segment 60 --dir /var/lib/cams --keep 1440
+    framebroker record cam0 -o udp://192.168.1.50:5000 --text "TX2 DEMO" --clock
+
+The package, one job per module:
+
+* ``packets``: ``EncodedPacket`` and the ``PacketRouter`` every packet passes through.
+* ``encoders``: FFmpeg (PyAV) and GStreamer encoders, the registry and ``auto`` order.
+* ``selection``: choosing the encoder by a test encode.
+* ``outputs``: .ts file, segmented files with sidecar indexes, UDP, SRT.
+* ``recorder``: the pipeline (reader thread, bounded queue, encode thread).
+* this module: the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from types import FrameType
+from typing import Optional
+
+import framebroker as fb
+
+from .encoders import ENCODERS
+from .outputs import FileOutput, Output, SegmentedOutput, make_output, segment_stamp
+from .recorder import Recorder, RecorderOptions, Stats
+from .selection import select_encoder
+
+log = logging.getLogger("framebroker.recorder")
+
+# How often the progress line is redrawn on a terminal (s).
+PROGRESS_PERIOD = 0.5
+# How long to wait for the encoder and outputs to finish after a stop (s).
+STOP_TIMEOUT = 30.0
+# Keyframes at least this often, whatever the segment length (s).
+MAX_KEYFRAME_INTERVAL = 1
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _positive(what: str, low: float = 0.0, integer: bool = False):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a {'whole ' if integer else ''}number, got {text!r}") from None
+        if not math.isfinite(value) or value <= low:
+            raise argparse.ArgumentTypeError(f"{what} must be > {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--wait must be a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--wait must be >= 0 seconds, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="stream to record")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="FILE.ts, udp://HOST:PORT or srt://HOST:PORT[?mode=listener&latency=...] "
+        "(default: NAME-<UTC start>.ts in the current directory)",
+    )
+    parser.add_argument("--duration", type=_positive("--duration"), metavar="S", help="stop after S seconds of video")
+    parser.add_argument("--segment", type=_positive("--segment", 0.0), metavar="S", help="start a new file every S seconds (on a keyframe)")
+    parser.add_argument("--dir", metavar="DIR", help="directory for --segment files (default: current directory)")
+    parser.add_argument("--keep", type=_positive("--keep", 0, integer=True), metavar="N", help="with --segment: keep only the newest N files")
+    parser.add_argument(
+        "--encoder",
+        default="auto",
+        metavar="auto|NAME",
+        help="auto (default: the first that passes a test encode of: Jetson, NVENC, VAAPI, V4L2 M2M, "
+        f"else software x264) or one of: {', '.join(ENCODERS)}",
+    )
+    parser.add_argument("--bitrate", type=_positive("--bitrate", 0, integer=True), metavar="KBPS", help="target bitrate in kbit/s (default: about 0.1 bit per pixel)")
+    parser.add_argument("--text", help="text drawn on the video (bottom left)")
+    parser.add_argument("--clock", action="store_true", help="draw each frame's capture date and time (bottom right)")
+    parser.add_argument("--index", action="store_true", help="with -o FILE: also write FILE.csv mapping seq -> PTS -> wall time")
+    parser.add_argument(
+        "--queue",
+        type=_positive("--queue", 0, integer=True),
+        metavar="FRAMES",
+        help="frames buffered in front of the encoder; beyond that frames are dropped and counted "
+        "(default: 0.4 s of frames, at most 30)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=_seconds_or_zero,
+        default=10.0,
+        metavar="S",
+        help="wait up to S seconds for the stream to appear (default 10)",
+    )
+    parser.add_argument("--reader-name", default="recorder", help="name shown by framebroker status")
+
+
+def _keyframe_interval(segment: Optional[float]) -> Fraction:
+    """At most MAX_KEYFRAME_INTERVAL s, and dividing the segment length so cuts land on keyframes."""
+    if segment is None:
+        return Fraction(MAX_KEYFRAME_INTERVAL)
+    length = Fraction(str(segment))
+    return length / math.ceil(length / MAX_KEYFRAME_INTERVAL)
+
+
+def _build_output(args: argparse.Namespace) -> Output:
+    if args.segment is None:
+        if args.dir is not None or args.keep is not None:
+            raise _UsageError("--dir and --keep go with --segment")
+        target = args.output or f"{args.name}-{segment_stamp(time.time())}.ts"
+        try:
+            output = make_output(target, index=args.index)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
+        if isinstance(output, FileOutput):
+            parent = output.path.resolve().parent
+            if not parent.is_dir():
+                raise _UsageError(f"-o {target}: directory {parent} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise _UsageError(f"-o {target}: cannot write in {parent}")
+        elif args.index:
+            raise _UsageError("--index goes with -o FILE (segments always have one)")
+        return output
+    if args.output is not None:
+        raise _UsageError("give either -o or --segment (with --dir), not both")
+    directory = Path(args.dir or ".")
+    if not directory.is_dir():
+        raise _UsageError(f"--dir {directory}: no such directory (create it first)")
+    if not os.access(directory, os.W_OK):
+        raise _UsageError(f"--dir {directory}: not writable")
+    return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep)
+
+
+class _Rate:
+    """Frames per second written over the last progress period."""
+
+    def __init__(self) -> None:
+        self.mark = (time.monotonic(), 0)
+        self.value = 0.0
+
+    def update(self, written: int) -> float:
+        now = time.monotonic()
+        then, before = self.mark
+        if now - then >= PROGRESS_PERIOD / 2:
+            self.value = (written - before) / (now - then)
+            self.mark = (now, written)
+        return self.value
+
+
+def _progress_line(stats: Stats, written: int, rate: float) -> str:
+    seconds = stats.recorded_seconds
+    minutes, secs = divmod(seconds, 60)
+    return (
+        f"\rrecording {int(minutes):02d}:{secs:04.1f}  {rate:5.1f} fps  {written} frames  "
+        f"dropped {stats.ring_dropped} (ring) + {stats.queue_dropped} (queue)  queue {stats.queue_depth}   "
+    )
+
+
+def _usage(message: str) -> int:
+    print(f"framebroker record: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.encoder != "auto" and args.encoder not in ENCODERS:
+        return _usage(f"unknown --encoder {args.encoder!r}; choose auto or one of: {', '.join(ENCODERS)}")
+    try:
+        output = _build_output(args)
+    except (_UsageError, ValueError) as exc:
+        return _usage(str(exc))
+    options = RecorderOptions(
+        duration=args.duration,
+        text=args.text,
+        clock=args.clock,
+        bitrate_kbps=args.bitrate,
+        queue_frames=args.queue,
+        keyframe_interval=_keyframe_interval(args.segment),
+    )
+    selection = select_encoder(args.encoder)
+    spec = selection.spec
+    label = output.describe()
+    reader = fb.Reader(args.name, name=args.reader_name, wait=args.wait)
+    try:
+        reader.set_info(encoder=spec.name, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
+        recorder = Recorder(reader, spec, [output], options, output_label=label)
+    except BaseException:
+        reader.close()
+        raise
+    log.info("recording stream %r with encoder %s (%s) to %s", args.name, spec.name, spec.description, label)
+
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
+        recorder.request_stop(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    interactive = sys.stdout.isatty()
+    rate = _Rate()
+    try:
+        recorder.start()
+        while not recorder.wait(PROGRESS_PERIOD):
+            if interactive:
+                written = recorder.router.frames
+                sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)))
+                sys.stdout.flush()
+            if recorder.end_reason and not recorder.wait(STOP_TIMEOUT):
+                raise fb.FrameBrokerError(
+                    f"the recorder did not finish writing within {STOP_TIMEOUT:g} s after it was asked to stop"
+                )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interactive:
+        written = recorder.router.frames
+        sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)) + "\n")
+    stats = recorder.stats
+    encode_ms = stats.encode_ms_median
+    files = ""
+    if isinstance(output, SegmentedOutput):
+        files = f" files={len(output.files)} deleted={len(output.deleted)}"
+    print(
+        f"record: {'failed' if recorder.error else 'done'} ({recorder.end_reason}): "
+        f"frames={recorder.router.frames} seconds={stats.recorded_seconds:.3f} encoder={spec.name} "
+        f"dropped_ring={stats.ring_dropped} dropped_queue={stats.queue_dropped} "
+        f"encode_ms={encode_ms if encode_ms is None else round(encode_ms, 2)}{files} output={label}",
+        flush=True,
+    )
+    if stats.ring_dropped or stats.queue_dropped:
+        log.warning(
+            "%d frame(s) were overwritten in the ring before the recorder read them and %d were dropped "
+            "because the encoder fell behind (the file keeps true timing: the gaps show as held frames)",
+            stats.ring_dropped,
+            stats.queue_dropped,
+        )
+    error = recorder.error
+    if error is not None:
+        if isinstance(error, (fb.FrameBrokerError, KeyboardInterrupt)):
+            raise error
+        raise fb.FrameBrokerError(f"recording failed: {type(error).__name__}: {error}") from error
+    return 0

@@ -1,0 +1,330 @@
+"""``framebroker view``: the browser preview, seen by a real headless Chromium, and its /metrics."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from framebroker import testpattern
+from framebroker._status import describe_stream
+
+from conftest import wait_until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless Chromium as root on a machine without a network: no sandbox (root), no GPU, and none
+# of the background traffic (component updates, sync, QUIC) that would stall on the closed network.
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,720",
+]
+FRAME = (480, 640)  # test:// default size
+
+
+def start_view(env, name: str, *args: str):
+    view = env.cli("view", name, "--port", "0", *args)
+    line = view.wait_line(lambda text: text.startswith("view: stream "), 20)
+    return view, re.search(r"http://\S+/", line).group(0)
+
+
+def get(url: str) -> tuple[int, dict, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, dict(reply.headers), reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode()
+
+
+def metrics(url: str) -> dict:
+    """/metrics parsed by prometheus_client: {family name: family}."""
+    status, headers, body = get(url + "metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return {family.name: family for family in text_string_to_metric_families(body)}
+
+
+def value(families: dict, sample: str, **labels: str) -> float:
+    """The one sample called ``sample`` with these labels (a counter's family drops "_total")."""
+    family = families[sample[: -len("_total")] if sample.endswith("_total") else sample]
+    found = [s.value for s in family.samples if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(found) == 1, (sample, labels, family.samples)
+    return found[0]
+
+
+class MjpegViewer(threading.Thread):
+    """A browser stand-in: reads the MJPEG stream and notes the test:// number of each picture."""
+
+    def __init__(self, url: str, wanted: int = 0) -> None:
+        super().__init__(daemon=True)
+        parts = urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
+        self.path = parts.path + "stream.mjpg"
+        self.wanted = wanted
+        self.numbers: list[int] = []
+        self.error: "BaseException | None" = None
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.connection.request("GET", self.path)
+            reply = self.connection.getresponse()
+            assert reply.status == 200
+            boundary = reply.getheader("Content-Type").split("boundary=")[1].encode()
+            while not self.stop.is_set() and (not self.wanted or len(self.numbers) < self.wanted):
+                assert reply.readline().strip() == b"--" + boundary
+                headers = {}
+                while (line := reply.readline().strip()) != b"":
+                    key, _, text = line.decode().partition(":")
+                    headers[key.lower()] = text.strip()
+                assert headers["content-type"] == "image/jpeg"
+                jpeg = reply.read(int(headers["content-length"]))
+                assert reply.read(2) == b"\r\n"
+                image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+                number = testpattern.identify(image)
+                assert image.shape[:2] == FRAME and number is not None, "not a picture of a test:// frame"
+                self.numbers.append(number)
+        except BaseException as exc:
+            if not self.stop.is_set():
+                self.error = exc
+        finally:
+            self.connection.close()
+
+    def finish(self) -> list[int]:
+        """Wait for the wanted pictures, or (wanted=0) hang up now; the numbers seen."""
+        if self.wanted:
+            self.join(timeout=60)
+        else:
+            self.stop.set()
+            if self.connection.sock is not None:
+                self.connection.sock.shutdown(socket.SHUT_RDWR)
+            self.join(timeout=10)
+        assert not self.is_alive() and self.error is None, self.error
+        return self.numbers
+
+
+# --- in a real browser ------------------------------------------------------------------------------
+
+
+def run_chromium(tmp_path: Path, label: str, *args: str) -> subprocess.CompletedProcess:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    argv = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / ('profile-' + label)}", *args]
+    # Its own session, so that whatever it leaves (zygote, renderers) is ended by its group id.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def screenshot(tmp_path: Path, url: str, label: str) -> np.ndarray:
+    path = tmp_path / f"{label}.png"
+    result = run_chromium(tmp_path, label, f"--screenshot={path}", url)
+    assert path.exists(), result.stderr[-2000:]
+    return cv2.imread(str(path))
+
+
+def expected_gray(number: int) -> np.ndarray:
+    return cv2.cvtColor(testpattern.render(number, (*FRAME, 3)), cv2.COLOR_BGR2GRAY).astype(np.int16)
+
+
+def locate_picture(page: np.ndarray) -> tuple[int, int, int]:
+    """(x, y, frame number) of the test:// picture shown 1:1 near the page's top left."""
+    gray = cv2.cvtColor(page, cv2.COLOR_BGR2GRAY)
+    for y in range(0, 200, 2):
+        for x in range(0, 64, 2):
+            crop = gray[y : y + FRAME[0], x : x + FRAME[1]]
+            if crop.shape != FRAME:
+                continue
+            number = testpattern.identify(crop)
+            # A crop half on the page can pass for a band; the whole picture must match too
+            # (JPEG costs a few grey levels).
+            if number and np.abs(crop.astype(np.int16) - expected_gray(number)).mean() < 12:
+                # identify() tolerates being a few pixels off; settle on the exact position.
+                expected = expected_gray(number)
+                offsets = [(dx, dy) for dx in range(-4, 5) for dy in range(-4, 5) if x + dx >= 0 and y + dy >= 0]
+
+                def mismatch(offset: tuple[int, int]) -> float:
+                    crop = gray[y + offset[1] : y + offset[1] + FRAME[0], x + offset[0] : x + offset[0] + FRAME[1]]
+                    return np.abs(crop.astype(np.int16) - expected).mean() if crop.shape == FRAME else 255.0
+
+                dx, dy = min(offsets, key=mismatch)
+                if mismatch((dx, dy)) < 4:  # else a lookalike: keep looking
+                    return x + dx, y + dy, number
+    raise AssertionError("no test:// picture shown 1:1 near the page's top left")
+
+
+def test_page_in_headless_chromium_shows_the_live_picture_and_the_status(env, tmp_path):
+    daemon, name = env.serve("test://", None, "--fps", "15")
+    watcher = env.cli("read", name, "--reader-name", "watcher")
+    view, url = start_view(env, name)
+    wait_until(lambda: any(r["name"] == "watcher" for r in describe_stream(name)["readers"]), 20, "the watcher")
+
+    first = screenshot(tmp_path, url, "first")
+    x, y, first_number = locate_picture(first)
+    wait_until(lambda: describe_stream(name)["seq"] >= first_number + 15, 20, "a second of new frames")
+    second = screenshot(tmp_path, url, "second")
+    x2, y2, second_number = locate_picture(second)
+    assert (x2, y2) == (x, y)
+    assert second_number > first_number, "the browser must show a newer frame"
+    picture = np.s_[y : y + FRAME[0], x : x + FRAME[1]]
+    changed = np.any(first[picture] != second[picture], axis=2).mean()
+    assert changed > 0.5, f"only {changed:.0%} of the picture's pixels changed"
+
+    dom = run_chromium(tmp_path, "dom", "--dump-dom", url).stdout
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert f"stream {name}" in text and "streaming for" in text and "test://" in text
+    assert "640x480 bgr" in text and "watcher" in text and str(watcher.pid) in text
+    assert f"pid {daemon.pid}" in text
+    assert '<img id="picture" src="stream.mjpg"' in dom
+
+
+# --- /metrics --------------------------------------------------------------------------------------
+
+
+def test_metrics_parse_with_prometheus_client(env):
+    daemon, name = env.serve("test://", None, "--fps", "20")
+    odd = 'slow "one" \\ with\nnewline'  # every character the label escaping must handle
+    slow = env.cli("read", name, "--mode", "ordered", "--work-ms", "200", "--reader-name", odd)
+    view, url = start_view(env, name)
+    wait_until(
+        lambda: any(r["name"] == odd and r["dropped"] and r["lag"] for r in describe_stream(name)["readers"]), 20, "the slow reader to fall behind"
+    )
+
+    families = metrics(url)
+    for family in families.values():
+        assert family.documentation, f"{family.name} has no HELP"
+    kinds = {
+        "framebroker_stream_up": "gauge",
+        "framebroker_stream_state": "gauge",
+        "framebroker_stream_frames": "counter",
+        "framebroker_stream_fps": "gauge",
+        "framebroker_stream_configured_fps": "gauge",
+        "framebroker_stream_source_drops": "counter",
+        "framebroker_stream_last_frame_age_seconds": "gauge",
+        "framebroker_reader_frames": "counter",
+        "framebroker_reader_fps": "gauge",
+        "framebroker_reader_lag_frames": "gauge",
+        "framebroker_reader_dropped": "counter",
+        "framebroker_reader_held_slots": "gauge",
+        "framebroker_preview_viewers": "gauge",
+        "framebroker_preview_jpeg_encodes": "counter",
+        "framebroker_preview_frames_sent": "counter",
+    }
+    assert {k: families[k].type for k in kinds} == kinds
+    assert value(families, "framebroker_stream_up", stream=name) == 1
+    assert value(families, "framebroker_stream_state", stream=name, state="streaming") == 1
+    assert value(families, "framebroker_stream_state", stream=name, state="dead") == 0
+    assert value(families, "framebroker_stream_frames_total", stream=name) > 0
+    assert value(families, "framebroker_stream_configured_fps", stream=name) == 20
+    reader = {"stream": name, "reader": odd, "pid": str(slow.pid)}
+    assert value(families, "framebroker_reader_lag_frames", **reader) > 0
+    assert value(families, "framebroker_reader_dropped_total", **reader) > 0
+    assert value(families, "framebroker_reader_held_slots", **reader) <= 1
+    assert value(families, "framebroker_reader_info", **reader, mode="ordered") == 1
+    assert value(families, "framebroker_preview_jpeg_encodes_total", stream=name) == 0, "nobody watched: nothing encoded"
+
+    # Bound to the loopback address only (the default): /proc/net/tcp lists 127.0.0.1 as 0100007F.
+    port = urlsplit(url).port
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] if line.split()[3] == "0A"]
+    assert f"0100007F:{port:04X}" in listening
+
+
+def test_many_viewers_cost_one_jpeg_encode_per_frame_and_none_while_idle(env):
+    daemon, name = env.serve("test://", None, "--fps", "30")
+    view, url = start_view(env, name, "--max-fps", "0")
+    start = describe_stream(name)["seq"]
+    wait_until(lambda: describe_stream(name)["seq"] >= start + 30, 20, "a second of frames nobody watches")
+    idle = metrics(url)
+    assert value(idle, "framebroker_preview_jpeg_encodes_total", stream=name) == 0
+    assert "view" not in [r["name"] for r in describe_stream(name)["readers"]], "an unwatched preview stays detached"
+
+    viewers = [MjpegViewer(url, wanted=30) for _ in range(3)]
+    seen = [viewer.finish() for viewer in viewers]
+    for numbers in seen:
+        assert len(numbers) == 30 and numbers == sorted(set(numbers)), "fresh pictures in order, none twice"
+    shared = set(seen[0]) & set(seen[1]) & set(seen[2])
+    assert len(shared) >= 20, "the three viewers must be sent the same pictures"
+
+    wait_until(lambda: value(metrics(url), "framebroker_preview_viewers", stream=name) == 0, 10, "the viewers to be gone")
+    # A few frame periods for an encode that was under way when the last viewer left.
+    mark = describe_stream(name)["seq"]
+    wait_until(lambda: describe_stream(name)["seq"] >= mark + 5, 20, "a few more frames")
+    after = metrics(url)
+    encodes = value(after, "framebroker_preview_jpeg_encodes_total", stream=name)
+    sent = value(after, "framebroker_preview_frames_sent_total", stream=name)
+    assert sent >= 90
+    # Each viewer got 30 different pictures: encoding per viewer would take at least 90 encodes.
+    assert encodes < 60, f"{encodes} encodes for {sent} pictures sent"
+
+    # Nobody watches again: encoding stops.
+    mark = describe_stream(name)["seq"]
+    wait_until(lambda: describe_stream(name)["seq"] >= mark + 30, 20, "another second of frames")
+    assert value(metrics(url), "framebroker_preview_jpeg_encodes_total", stream=name) == encodes
+    assert view.stop() == 0, view.output()
+    assert "Traceback" not in view.output()
+
+
+def test_preview_waits_for_a_missing_stream_and_follows_a_restart(env):
+    name = env.name("late")
+    view, url = start_view(env, name)
+    status, _, page = get(url)
+    assert status == 200
+    assert f"no stream {name!r}: nothing serves it" in page.replace("&#x27;", "'")
+    families = metrics(url)
+    assert value(families, "framebroker_stream_up", stream=name) == 0
+    assert value(families, "framebroker_stream_state", stream=name, state="absent") == 1
+
+    viewer = MjpegViewer(url)
+    first, _ = env.serve("test://", name, "--fps", "20")
+    wait_until(lambda: len(viewer.numbers) >= 5, 20, "pictures once the stream is served")
+    assert first.stop() == 0
+    mark = len(viewer.numbers)
+    env.serve("test://", name, "--fps", "20")
+    # Same connection: the preview re-attached to the new daemon by itself.
+    wait_until(lambda: len(viewer.numbers) >= mark + 5, 20, "pictures from the restarted daemon")
+    viewer.finish()
+
+
+def test_view_refuses_a_busy_port_and_bad_arguments(env):
+    name = env.name()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = env.run_cli("view", name, "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1 port {port}" in result.stderr and "--port" in result.stderr
+    for args, message in ((["bad/name"], "invalid stream name"), ([name, "--port", "70000"], "--port must be between")):
+        result = env.run_cli("view", *args)
+        assert result.returncode == 2 and message in result.stderr

@@ -1,0 +1,36 @@
+"""The 60-second soak: nothing grows (memory, descriptors, shared memory), nothing is left over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Bounds for one minute at 30 fps (about 1800 frames): a leak of even one small object per frame
+# shows up as megabytes; steady state stays within allocator noise.
+PRIVATE_GROWTH_MB = 4.0
+
+
+def test_soak_one_minute(tmp_path):
+    out = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--seconds", "60", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["processes"]) == {"daemon", "read-latest", "read-next", "read-ordered", "read-slow", "recorder"}
+    for label, entry in report["processes"].items():
+        assert entry["private_growth_mb"] <= PRIVATE_GROWTH_MB, (label, entry)
+        assert entry["fd_growth"] == 0, (label, entry)
+    assert report["shm_bytes"]["start"] == report["shm_bytes"]["end"] > 0
+    assert report["shm_left_after_stop"] == []
+    assert report["frames_published"] >= 0.9 * 60 * report["fps"]
+    recorder = report["recorder"]
+    assert recorder is not None and recorder["dropped_ring"] == 0 and recorder["dropped_queue"] == 0, recorder
+    assert report["readers"]["ordered"]["dropped"] == 0
