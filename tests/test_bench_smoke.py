@@ -1,0 +1,127 @@
+"""The benchmark harness (``bench/compare.py``) runs, reports every transport and can see tears.
+
+Not a benchmark: ``--quick`` runs for seconds and no figure is judged here, only that the
+instrument works. Peers (pyzmq, iceoryx2) come from the ``bench`` extra; without them a
+developer's run skips them, but on CI (``CI=true``, where ``.ci/run`` installs the extra) a
+missing peer fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+TRANSPORTS = ["framebroker", "naive", "mp.Queue", "zmq", "iceoryx2"]
+PEER_PACKAGES = {"zmq": "zmq", "iceoryx2": "iceoryx2"}
+ZERO_COPY = {"framebroker": True, "naive": True, "iceoryx2": True, "mp.Queue": False, "zmq": False}
+SUMMARY_FIELDS = [
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "fps_per_reader",
+    "seen",
+    "publish_us_30fps",
+    "copy_warm_us",
+    "publish_vs_copy",
+    "producer_cpu_ms_per_1000_30fps",
+    "producer_cpu_ms_per_1000_max",
+    "reader_cpu_ms_per_1000_30fps",
+    "reader_cpu_ms_per_1000_max",
+    "idle_reader_pct_core",
+    "torn",
+    "changed",
+    "zero_copy",
+    "latency_p50_vs_baseline",
+    "fps_vs_baseline",
+]
+
+
+def _frame_identity() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_frame_identity", BENCH / "frame_identity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_tear_check_sees_torn_and_changed_frames():
+    ident = _frame_identity()
+    shape = (48, 64, 3)
+    sources = ident.SourceFrames(shape)
+    check = ident.FrameCheck(shape)
+    old = sources.stamped(ident.frame_number(ident.KIND_THROUGHPUT, 0, 7), 1000).copy()
+    new = sources.stamped(ident.frame_number(ident.KIND_THROUGHPUT, 0, 8), 2000).copy()
+    assert not check.torn(*check.read(old))
+    assert not check.torn(*check.read(new))
+
+    # A copy caught half way: the head is the new frame's, the tail the old one's.
+    half = old.copy()
+    half.reshape(-1)[: old.nbytes // 2] = new.reshape(-1)[: old.nbytes // 2]
+    assert check.torn(*check.read(half))
+
+    # Head and tail intact, a stretch in the middle from the other frame: the spots see it.
+    middle = old.copy()
+    start, stop = old.nbytes // 3, old.nbytes // 3 + old.nbytes // 10
+    middle.reshape(-1)[start:stop] = new.reshape(-1)[start:stop]
+    assert check.torn(*check.read(middle))
+
+    # Changed while held: the second reading differs from the first.
+    held = old.copy()
+    first = check.read(held)
+    held.reshape(-1)[held.nbytes // 2 :] = new.reshape(-1)[held.nbytes // 2 :]
+    assert check.read(held) != first
+
+
+@pytest.mark.timeout(600)
+def test_quick_compare_reports_every_transport(tmp_path):
+    missing = [name for name, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]
+    if missing and os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI must install the bench extra (pip install '.[bench]'); missing peers: {missing}")
+    out = tmp_path / "quick.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert result.returncode == 0, f"compare.py --quick failed\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    document = json.loads(out.read_text())
+
+    runs = {run["transport"]: run for run in document["runs"]}
+    assert sorted(runs) == sorted(TRANSPORTS)
+    for name, run in runs.items():
+        if name in missing:
+            assert run["status"] == "skipped"
+            continue
+        assert run["status"] == "ok", run.get("error")
+        summary = run["summary"]
+        for field in SUMMARY_FIELDS:
+            assert summary.get(field) is not None, f"{name}: {field} missing"
+        assert summary["zero_copy"] is ZERO_COPY[name], f"{name}: zero-copy check says {summary['zero_copy']}"
+        assert len(run["readers_raw"]) == run["readers"]
+
+    # The baseline tears and changes frames under a reader; if it did not, the check would be blind.
+    naive = runs["naive"]["summary"]
+    assert naive["torn"] + naive["changed"] > 0
+    assert naive["changed_by_phase"]["integrity"] > 0
+    framebroker = runs["framebroker"]["summary"]
+    assert framebroker["torn"] == 0 and framebroker["changed"] == 0
+    assert framebroker["integrity_frames"] > 0
+
+    assert document["latest"]["640x480"]["new_frame_us"] > 0
+    for key in ("cpu", "cores", "kernel", "python", "packages"):
+        assert document["machine"][key]
+    assert {check["target"] for check in document["targets"]}
+    assert "| framebroker |" in document["table_markdown"]
+    assert "| framebroker |" in result.stdout
+
+    leftovers = [entry for entry in os.listdir("/dev/shm") if document["run_id"] in entry]
+    leftovers += [entry for entry in os.listdir("/tmp") if entry.startswith("fbbench-") and document["run_id"] in entry]
+    assert not leftovers, f"compare.py left shared objects behind: {leftovers}"
