@@ -30,7 +30,7 @@ SEGMENT_PREFIX = "framebroker."
 OBJECT_SEPARATOR = "@"
 
 MAGIC = b"FRMBRKR\x00"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 HEADER_SIZE = 4096
 META_RECORD_SIZE = 64
@@ -148,15 +148,22 @@ STATIC = struct.Struct("<8sIIQiIdQIIQQQQIIQQQ64s")
 
 # Live part: one writer (the producer); everyone else reads it without locks.
 LIVE_OFFSET = 256
-NEWEST_SEQ = struct.Struct("<Q")  # at LIVE_OFFSET: the hot field, read on every reader call
+# What a reader reads on every call, in one go: newest_seq, the slot it is in, the stream state.
+HEAD = struct.Struct("<QII")
+NEWEST_SEQ = struct.Struct("<Q")
 NEWEST_SEQ_OFFSET = LIVE_OFFSET
-GEOMETRY = struct.Struct("<IIIII")  # state, format, height, width, channels
-GEOMETRY_OFFSET = LIVE_OFFSET + 8
-STATE = struct.Struct("<I")  # the first field of GEOMETRY alone, read on every reader call
-COUNTERS = struct.Struct("<ddQQQQdQ")
-# configured_fps, measured_fps, frames_published, source_drops, publisher_drops,
-# last_publish_mono_ns, last_publish_wall, reconnects
-COUNTERS_OFFSET = LIVE_OFFSET + 32
+STATE = struct.Struct("<I")
+STATE_OFFSET = LIVE_OFFSET + 12
+# What the producer writes with every frame, in one go: HEAD, then the frame's capture time
+# (CLOCK_MONOTONIC ns) and the same instant on the wall clock.
+FRAME_COUNTERS = struct.Struct("<QIIQd")
+FRAME_COUNTERS_OFFSET = LIVE_OFFSET
+GEOMETRY = struct.Struct("<IIII")  # format, height, width, channels
+GEOMETRY_OFFSET = LIVE_OFFSET + 32
+# Written every half second or so: configured_fps, measured_fps, source_drops, publisher_drops,
+# reconnects.
+COUNTERS = struct.Struct("<ddQQQ")
+COUNTERS_OFFSET = LIVE_OFFSET + 56
 TABLE_CHANGED = struct.Struct("<Q")  # bumped by readers on attach/detach/mode change: a hint
 TABLE_CHANGED_OFFSET = LIVE_OFFSET + 96
 STATE_SINCE = struct.Struct("<d")
@@ -182,6 +189,7 @@ MAP_ENTRY = struct.Struct("<I")
 ENTRY_IDENTITY = struct.Struct("<iIIId")  # pid, uid, hold, mode, attached_wall   at +0
 ENTRY_PROGRESS = struct.Struct("<QQQQ")  # last_seq, cursor, frames, dropped      at +24
 ENTRY_PROGRESS_OFFSET = 24
+ENTRY_PROGRESS_HELD = struct.Struct("<QQQQI")  # the same and held, in one write, per frame
 ENTRY_HELD = struct.Struct("<I")  # frames held right now                            at +56
 ENTRY_HELD_OFFSET = 56
 ENTRY_FLAGS = struct.Struct("<I")  # what the reader offers others (FLAG_*)            at +60

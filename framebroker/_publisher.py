@@ -17,6 +17,8 @@ from ._errors import ClosedError
 from ._layout import (
     COUNTERS,
     COUNTERS_OFFSET,
+    FRAME_COUNTERS,
+    FRAME_COUNTERS_OFFSET,
     ENTRY_IDENTITY,
     ENTRY_PROGRESS,
     ENTRY_PROGRESS_OFFSET,
@@ -24,12 +26,12 @@ from ._layout import (
     EXTRA_SIZE,
     GEOMETRY,
     GEOMETRY_OFFSET,
+    STATE,
+    STATE_OFFSET,
     LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
     MAP_ENTRY,
     META,
-    NEWEST_SEQ,
-    NEWEST_SEQ_OFFSET,
     REASON_OFFSET,
     REASON_SIZE,
     SOURCE_OFFSET,
@@ -44,11 +46,18 @@ from ._layout import (
     encode_text,
     validate_stream_name,
 )
-from ._ring import MAX_PENDING_WAKES, READER_REFRESH
+from ._ring import MAX_PENDING_WAKES
 from ._segment import Segment, create_segment, discard_semaphores, resolve_group
 
 DEFAULT_SLOTS = 12
 MAX_FPS = 10_000.0
+# Work done about twice a second rather than with every frame (see Publisher._housekeeping).
+HOUSEKEEPING_NS = 500_000_000
+HOUSEKEEPING_FRAMES = 256
+
+_pack_meta = META.pack_into
+_pack_map = MAP_ENTRY.pack_into
+_pack_frame_counters = FRAME_COUNTERS.pack_into
 
 
 class Lifecycle(enum.Enum):
@@ -210,20 +219,20 @@ class Publisher:
         # Slots by how recently they were written, most recent first; see _claim_slot.
         self._recency = list(range(layout.slot_count))
         self._newest_slot = -1
+        self._next_slot = -1  # locked ahead for the next frame (see _commit)
         self._rebuild_views()
         self._wake_list: list[posix_ipc.Semaphore] = []
         self._ordered_entries: list[int] = []
         self._table_seen = -1
-        self._next_refresh = 0.0
         self._rate_mark = (time.monotonic(), self._seq)
         self._measured_fps = 0.0
+        self._housekeeping()
         self._write_geometry()
-        self._write_counters(0, 0.0)
         self._write_text(SOURCE_OFFSET, SOURCE_SIZE, self._source)
         self._write_text(REASON_OFFSET, REASON_SIZE, self._reason)
         self._write_extra()
         STATE_SINCE.pack_into(self._control, STATE_SINCE_OFFSET, time.time())
-        NEWEST_SEQ.pack_into(self._control, NEWEST_SEQ_OFFSET, self._seq)
+        FRAME_COUNTERS.pack_into(self._control, FRAME_COUNTERS_OFFSET, self._seq, 0, self._stream_state, 0, 0.0)
 
     def _rebuild_views(self) -> None:
         data = self._segment.data  # type: ignore[union-attr]
@@ -232,6 +241,13 @@ class Publisher:
             np.ndarray(self._shape, np.uint8, buffer=data, offset=k * stride) for k in range(self._layout.slot_count)
         ]
         self._frame_bytes = int(np.prod(self._shape))
+        shape = self._shape
+        # Everything of a slot's metadata record but seq and time is the same for every frame.
+        self._meta_geometry = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1, self._format, self._frame_bytes)
+        layout = self._layout
+        self._meta_offsets = [layout.meta(k) for k in range(layout.slot_count)]
+        self._map_offset = layout.map_offset
+        self._map_mask = layout.map_size - 1
 
     def close(self) -> None:
         """Remove the segment and its semaphores. Safe to call twice."""
@@ -354,73 +370,77 @@ class Publisher:
         assert old_segment is not None
         self._create(needed, replace=old_segment)
         # Tell readers of the old segment to move: mark it, wake them, then let it go.
-        GEOMETRY.pack_into(old_segment.control, GEOMETRY_OFFSET, StreamState.REPLACED, code, dims[0], dims[1], 1 if len(dims) == 2 else 3)  # type: ignore[arg-type]
+        STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
             sem.release()
         # The old name now points at the new segment, so only the old semaphores are removed.
         self._close_segment(old_segment, old_semaphores, unlink=True)
 
     def _claim_slot(self) -> int:
-        """Exclusively lock a slot to write; -1 if every candidate is leased (see _ring.py)."""
-        self._refresh_readers_if_needed()
+        """The slot to write the next frame into, locked exclusively; -1 if every candidate is
+        leased (see _ring.py). Usually locked already, right after the previous frame."""
+        slot = self._next_slot
+        if slot >= 0:
+            self._next_slot = -1
+            return slot
+        return self._lock_a_slot()
+
+    def _lock_a_slot(self) -> int:
+        if TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)[0] != self._table_seen:
+            self._refresh_readers()  # a reader came, went or changed mode: wake it, protect its frames
         newest = self._newest_slot
-        recency = self._recency
-        locks = self._locks
+        try_exclusive = self._locks.try_exclusive
+        if not self._ordered_entries:
+            for slot in self._recency:
+                if slot != newest and try_exclusive(LOCK_SLOT_BASE + slot):
+                    return slot
+            return -1
         protect_after = self._protect_after()
         slot_seq = self._slot_seq
-        if protect_after is None:
-            for slot in recency:
-                if slot != newest and locks.try_exclusive(LOCK_SLOT_BASE + slot):
-                    return slot
-        else:
-            # Slots whose frames every ordered reader has consumed, warmest first ...
-            for slot in recency:
-                if slot != newest and slot_seq[slot] <= protect_after and locks.try_exclusive(LOCK_SLOT_BASE + slot):
-                    return slot
-            # ... then, when a reader lags that far, the oldest frame it still wanted.
-            for slot in reversed(recency):
-                if slot != newest and slot_seq[slot] > protect_after and locks.try_exclusive(LOCK_SLOT_BASE + slot):
-                    return slot
+        recency = self._recency
+        # Slots whose frames every ordered reader has consumed, warmest first ...
+        for slot in recency:
+            if slot != newest and slot_seq[slot] <= protect_after and try_exclusive(LOCK_SLOT_BASE + slot):
+                return slot
+        # ... then, when a reader lags that far, the oldest frame it still wanted.
+        for slot in reversed(recency):
+            if slot != newest and slot_seq[slot] > protect_after and try_exclusive(LOCK_SLOT_BASE + slot):
+                return slot
         return -1
 
-    def _protect_after(self) -> Optional[int]:
+    def _protect_after(self) -> int:
         """Lowest cursor of the ordered readers: frames after it are kept as long as possible."""
-        entries = self._ordered_entries
-        if not entries:
-            return None
         control = self._control
-        lowest: Optional[int] = None
-        for offset in entries:
-            _last, cursor, _frames, _dropped = ENTRY_PROGRESS.unpack_from(control, offset + ENTRY_PROGRESS_OFFSET)
-            if cursor and (lowest is None or cursor < lowest):
+        lowest = self._seq
+        for offset in self._ordered_entries:
+            cursor = ENTRY_PROGRESS.unpack_from(control, offset + ENTRY_PROGRESS_OFFSET)[1]
+            if cursor and cursor < lowest:
                 lowest = cursor
         return lowest
 
     def _abandon(self, slot: int) -> None:
-        self._locks.unlock(LOCK_SLOT_BASE + slot)
+        """Give a claimed slot back unwritten (the write failed): keep it for the next frame."""
+        self._next_slot = slot
+
+    def _release_next_slot(self) -> None:
+        slot, self._next_slot = self._next_slot, -1
+        if slot >= 0:
+            self._locks.unlock(LOCK_SLOT_BASE + slot)
 
     def _commit(self, slot: int, timestamp_ns: int) -> int:
+        # The frame path: few calls on purpose (after a frame period of idling each one runs cold).
         seq = self._seq + 1
         control = self._control
-        shape = self._shape
-        # The capture instant on the wall clock, so wall_time and timestamp_ns name the same moment.
-        wall = time.time() - (time.monotonic_ns() - timestamp_ns) / 1e9
-        META.pack_into(
-            control,
-            self._layout.meta(slot),
-            seq,
-            timestamp_ns,
-            wall,
-            shape[0],
-            shape[1],
-            shape[2] if len(shape) == 3 else 1,
-            self._format,
-            self._frame_bytes,
-        )
+        # The capture instant on the wall clock (offset refreshed by _housekeeping), so wall_time
+        # and timestamp_ns name the same moment.
+        wall = timestamp_ns / 1e9 + self._wall_offset
+        _pack_meta(control, self._meta_offsets[slot], seq, timestamp_ns, wall, *self._meta_geometry)
         # The unlock is the publishing barrier (see "What orders the frame bytes" in _ring.py).
         self._locks.unlock(LOCK_SLOT_BASE + slot)
-        MAP_ENTRY.pack_into(control, self._layout.map_entry(seq), slot)
-        NEWEST_SEQ.pack_into(control, NEWEST_SEQ_OFFSET, seq)
+        _pack_map(control, self._map_offset + (seq & self._map_mask) * 4, slot)
+        if self._stream_state != StreamState.STREAMING:
+            self.set_state("streaming")
+        _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
         self._seq = seq
         self._slot_seq[slot] = seq
         self._newest_slot = slot
@@ -428,23 +448,37 @@ class Publisher:
         if recency[0] != slot:
             recency.remove(slot)
             recency.insert(0, slot)
-        if self._stream_state != StreamState.STREAMING:
-            self.set_state("streaming")
-        self._write_counters(timestamp_ns, wall)
+        if timestamp_ns >= self._housekeeping_due_ns or seq >= self._housekeeping_due_seq:
+            self._housekeeping(timestamp_ns)
         for sem in self._wake_list:
             if sem.value < MAX_PENDING_WAKES:
                 sem.release()
+        # Lock the slot for the next frame now, while everything is in cache: after a frame period
+        # of idling the same system call costs ten times as much. Readers that wait for the next
+        # frame have given their slots back already, so this is the slot of the frame before.
+        self._next_slot = self._lock_a_slot()
         return seq
+
+    def _housekeeping(self, timestamp_ns: int = 0) -> None:
+        """What does not need doing every frame: about twice a second (by the frames' own capture
+        times, or every HOUSEKEEPING_FRAMES frames), recheck who is attached, measure the rate,
+        publish the slow counters and re-read the wall clock's offset."""
+        self._housekeeping_due_ns = timestamp_ns + HOUSEKEEPING_NS
+        self._housekeeping_due_seq = self._seq + HOUSEKEEPING_FRAMES
+        self._refresh_readers()
+        now = time.monotonic()
+        mark_time, mark_seq = self._rate_mark
+        if now - mark_time >= 1.0:
+            self._measured_fps = (self._seq - mark_seq) / (now - mark_time)
+            self._rate_mark = (now, self._seq)
+        self._wall_offset = time.time() - time.monotonic_ns() / 1e9
+        self._write_counters()
 
     # --- readers ---------------------------------------------------------------------------
 
-    def _refresh_readers_if_needed(self) -> None:
-        (changed,) = TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)
-        now = time.monotonic()
-        if changed == self._table_seen and now < self._next_refresh:
-            return
-        self._table_seen = changed
-        self._next_refresh = now + READER_REFRESH
+    def _refresh_readers(self) -> None:
+        """Rescan the reader table: whom to wake, whose frames to keep (ordered readers)."""
+        self._table_seen = TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)[0]
         wake: list[posix_ipc.Semaphore] = []
         ordered: list[int] = []
         layout = self._layout
@@ -462,8 +496,7 @@ class Publisher:
     def reader_count(self) -> int:
         """Readers attached right now."""
         self._check_open()
-        self._next_refresh = 0.0
-        self._refresh_readers_if_needed()
+        self._refresh_readers()
         return len(self._wake_list)
 
     # --- what status shows -------------------------------------------------------------------
@@ -484,8 +517,7 @@ class Publisher:
             if code == StreamState.RECONNECTING:
                 self._reconnects += 1
             if code == StreamState.ENDED:
-                self._next_refresh = 0.0
-                self._refresh_readers_if_needed()
+                self._refresh_readers()
                 for sem in self._wake_list:
                     sem.release()
 
@@ -508,32 +540,17 @@ class Publisher:
 
     def _write_geometry(self) -> None:
         shape = self._shape
-        GEOMETRY.pack_into(
-            self._control,
-            GEOMETRY_OFFSET,
-            self._stream_state,
-            self._format,
-            shape[0],
-            shape[1],
-            shape[2] if len(shape) == 3 else 1,
-        )
+        GEOMETRY.pack_into(self._control, GEOMETRY_OFFSET, self._format, shape[0], shape[1], shape[2] if len(shape) == 3 else 1)
+        STATE.pack_into(self._control, STATE_OFFSET, self._stream_state)
 
-    def _write_counters(self, timestamp_ns: int, wall: float) -> None:
-        now = time.monotonic()
-        mark_time, mark_seq = self._rate_mark
-        if now - mark_time >= 1.0:
-            self._measured_fps = (self._seq - mark_seq) / (now - mark_time)
-            self._rate_mark = (now, self._seq)
+    def _write_counters(self) -> None:
         COUNTERS.pack_into(
             self._control,
             COUNTERS_OFFSET,
             self._fps,
             self._measured_fps,
-            self._seq,
             self._source_drops,
             self._publisher_drops,
-            timestamp_ns,
-            wall,
             self._reconnects,
         )
 

@@ -30,6 +30,7 @@ from ._layout import (
     ENTRY_NAME_OFFSET,
     ENTRY_NAME_SIZE,
     ENTRY_PROGRESS,
+    ENTRY_PROGRESS_HELD,
     ENTRY_PROGRESS_OFFSET,
     ENTRY_RATE,
     ENTRY_RATE_OFFSET,
@@ -37,7 +38,10 @@ from ._layout import (
     COUNTERS_OFFSET,
     GEOMETRY,
     GEOMETRY_OFFSET,
+    HEAD,
+    LIVE_OFFSET,
     STATE,
+    STATE_OFFSET,
     LOCK_ATTACH,
     LOCK_ENTRY_BASE,
     FLAG_TRIGGERS,
@@ -66,8 +70,15 @@ log = logging.getLogger("framebroker.reader")
 
 # How long attaching waits for another attaching process to finish its bookkeeping (seconds).
 ATTACH_LOCK_TIMEOUT = 2.0
-# How often a reader recomputes the fps it shows in status (seconds).
-RATE_WINDOW = 0.5
+# How often a reader recomputes the fps it shows in status (nanoseconds of capture time).
+RATE_WINDOW_NS = 500_000_000
+
+# Bound methods of the structs used on every frame (saves two lookups per use).
+_unpack_head = HEAD.unpack_from
+_unpack_map = MAP_ENTRY.unpack_from
+_unpack_meta = META.unpack_from
+_pack_progress = ENTRY_PROGRESS_HELD.pack_into
+_FORMAT_NAMES = PixelFormat.NAMES
 
 
 class Lifecycle(enum.Enum):
@@ -104,8 +115,7 @@ class Frame:
         "stream",
         "_slot",
         "_attachment",
-        "_offset",
-        "_array",
+        "_view",
         "_released",
     )
 
@@ -119,6 +129,7 @@ class Frame:
         shape: tuple[int, ...],
         pixel_format: str,
         dropped: int,
+        view: np.ndarray,
     ) -> None:
         self.seq = seq
         self.timestamp_ns = timestamp_ns
@@ -129,8 +140,7 @@ class Frame:
         self.stream = attachment.stream
         self._slot = slot
         self._attachment = attachment
-        self._offset = attachment.segment.layout.slot_data(slot)
-        self._array: Optional[np.ndarray] = None
+        self._view = view
         self._released = False
 
     @property
@@ -141,10 +151,7 @@ class Frame:
                 f"frame {self.seq} of stream {self.stream!r} was released; its slot may hold another frame now. "
                 "Keep frames longer with Reader(..., hold=N), or copy() them before asking for the next one."
             )
-        array = self._array
-        if array is None:
-            array = self._array = np.ndarray(self.shape, np.uint8, buffer=self._attachment.data, offset=self._offset)
-        return array
+        return self._view
 
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
         array = self.array
@@ -214,29 +221,44 @@ class FrameIterator:
 
 
 class _Attachment:
-    """A reader's attachment to one segment instance: its entry, semaphore and leases."""
+    """A reader's attachment to one segment instance: its entry, semaphore, leases and views."""
 
     def __init__(self, stream: str, segment: Segment, entry: int, semaphore: posix_ipc.Semaphore) -> None:
         self.stream = stream
         self.segment = segment
         self.layout = segment.layout
+        self.slot_count = segment.layout.slot_count
         self.control = segment.control
         self.data = segment.data
         self.locks = segment.locks
         self.entry = entry
         self.entry_offset = segment.layout.entry(entry)
+        self.progress_offset = self.entry_offset + ENTRY_PROGRESS_OFFSET
         self.semaphore = semaphore
         self.held: "OrderedDict[int, Frame]" = OrderedDict()  # slot -> frame, oldest first
+        # (slot, shape) -> read-only ndarray over that slot: built once, handed out with every
+        # frame leased from the slot (building an ndarray costs more than the rest of a lease).
+        self.views: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
         self.open = True
 
-    def release(self, frame: Frame) -> None:
+    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
+        key = (slot, shape)
+        array = self.views.get(key)
+        if array is None:
+            array = self.views[key] = np.ndarray(shape, np.uint8, buffer=self.data, offset=self.layout.slot_data(slot))
+        return array
+
+    def release(self, frame: Frame, publish: bool = True) -> None:
+        """Give the frame's slot back; ``publish``: update the held count status shows now
+        (the reader's own path writes it with its other figures instead)."""
         frame._released = True
-        frame._array = None
-        if self.held.get(frame._slot) is frame:
-            del self.held[frame._slot]
+        held = self.held
+        if held.get(frame._slot) is frame:
+            del held[frame._slot]
             if self.open:
                 self.locks.unlock(LOCK_SLOT_BASE + frame._slot)
-                ENTRY_HELD.pack_into(self.control, self.entry_offset + ENTRY_HELD_OFFSET, len(self.held))
+                if publish:
+                    ENTRY_HELD.pack_into(self.control, self.entry_offset + ENTRY_HELD_OFFSET, len(held))
 
     def detach(self, clear_entry: bool) -> None:
         """Let go of the segment. Frames still held stay readable (their mapping lives on) but no
@@ -339,7 +361,9 @@ class Reader:
         self._frames = 0
         self._dropped = 0
         self._info = ""
-        self._rate_mark = (time.monotonic(), 0)
+        self._rate_mark = (0, 0)  # (capture time ns, frames) at the start of the rate window
+        self._last_stamp = (0, 0.0)  # capture time (ns, wall) of the last frame handed out
+        self._progress_due = False
         self._fps = 0.0
         self._orphaned = False
         self._reattach_error = ""
@@ -445,7 +469,7 @@ class Reader:
         self._attachment = new
         self._last_seq = 0
         self._orphaned = False
-        self._write_progress(new, cursor=0)
+        self._write_progress(new)
         return True
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -513,7 +537,7 @@ class Reader:
     def shape(self) -> tuple[int, ...]:
         """Current frame shape of the stream."""
         attachment = self._current()
-        _state, _fmt, height, width, channels = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)  # type: ignore[arg-type]
+        _fmt, height, width, channels = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)  # type: ignore[arg-type]
         return (height, width) if channels == 1 else (height, width, channels)
 
     @property
@@ -586,36 +610,72 @@ class Reader:
         return float(configured or measured)
 
     def _get(self, mode: int, timeout: Optional[float]) -> Frame:
-        attachment = self._current()
+        # The frame path: kept to few calls on purpose. After a frame period of idling every new
+        # line of code runs cold, and the cold cost dominates (see bench/core_costs.py). So the
+        # work that can wait (giving back the previous frame, this reader's figures for status)
+        # is done here, before the wait, not after the wake-up.
+        attachment = self._attachment
+        if attachment is None or self._state is not Lifecycle.OPEN:
+            raise ClosedError(f"Reader of stream {self._stream!r} is closed")
         if mode != self._mode:
             self._set_mode(attachment, mode)
+        held = attachment.held
+        if mode != ReaderMode.LIVE and len(held) >= self._hold:
+            # Asking for the next frame gives the oldest held one back now, not once the new one
+            # arrives: the producer gets the slot back a frame period sooner, so it can keep
+            # writing the same two warm slots.
+            attachment.release(next(iter(held.values())), publish=False)
+            self._progress_due = True
+        if self._progress_due:
+            self._write_progress(attachment)
         deadline = None if timeout is None else time.monotonic() + _check_timeout(timeout)
         while True:
-            attachment = self._current()
-            control = attachment.control
-            (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)  # type: ignore[arg-type]
-            (state,) = STATE.unpack_from(control, GEOMETRY_OFFSET)  # type: ignore[arg-type]
-            if state in (StreamState.ENDED, StreamState.REPLACED) or self._stale(newest):
+            newest, slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
+            if newest != self._seen_newest:
+                self._seen_newest = newest
+                self._seen_at = 0.0
+                special = state == StreamState.ENDED or state == StreamState.REPLACED
+            else:
+                special = state == StreamState.ENDED or state == StreamState.REPLACED or self._stale()
+            if special:
                 self._check_stream(attachment, state, mode, newest)
                 if self._attachment is not attachment:
-                    continue  # moved to a new segment: start over there
-            wanted = 1 if mode == ReaderMode.LIVE else self._last_seq + 1
-            if newest >= wanted and not self._orphaned:
-                frame = self._lease(attachment, mode, newest)
+                    attachment = self._attachment  # moved to a new segment: start over there
+                    assert attachment is not None
+                    continue
+            last = self._last_seq
+            if mode == ReaderMode.LIVE:
+                if newest and not self._orphaned:
+                    frame = attachment.held.get(slot)
+                    if frame is not None and frame.seq == newest:
+                        return frame  # nothing newer: the frame this reader already holds
+                    held = attachment.held
+                    while len(held) >= self._hold:
+                        attachment.release(next(iter(held.values())))
+                    frame = self._lock_and_check(attachment, slot, newest, mode)
+                    if frame is not None:
+                        return frame
+                    continue
+            elif newest > last and not self._orphaned:
+                if mode == ReaderMode.ORDERED and last:
+                    (slot,) = _unpack_map(attachment.control, attachment.layout.map_entry(last + 1))  # type: ignore[arg-type]
+                    frame = self._lock_and_check(attachment, slot, last + 1, mode) or self._oldest_after(attachment, last)
+                else:
+                    frame = self._lock_and_check(attachment, slot, newest, mode)
                 if frame is not None:
                     return frame
                 continue
-            self._wait(attachment, deadline, wanted)
+            self._wait(attachment, deadline, 1 if mode == ReaderMode.LIVE else last + 1)
+            attachment = self._attachment or attachment
 
-    def _stale(self, newest: int) -> bool:
+    def _stale(self) -> bool:
         """True, at most once per LIVENESS_STEP, while ``newest_seq`` has not moved for that long.
 
         Waiting readers learn that the daemon died when their wait times out; this catches the
         readers that never wait (``latest()`` always finds the last frame of a dead daemon).
         """
         now = time.monotonic()
-        if newest != self._seen_newest:
-            self._seen_newest = newest
+        if not self._seen_at:
             self._seen_at = now
             return False
         if now - self._seen_at < LIVENESS_STEP or now < self._next_check:
@@ -645,48 +705,34 @@ class Reader:
         pid, uid, hold, _mode, attached = ENTRY_IDENTITY.unpack_from(control, offset)  # type: ignore[arg-type]
         ENTRY_IDENTITY.pack_into(control, offset, pid, uid, hold, mode, attached)  # type: ignore[arg-type]
         if mode != ReaderMode.ORDERED:
-            self._write_progress(attachment, cursor=0)
+            self._write_progress(attachment)
         _bump_table(control)
 
-    def _lease(self, attachment: _Attachment, mode: int, newest: int) -> Optional[Frame]:
-        """Try to lease the wanted frame; None means "look again" (the producer moved on)."""
-        control = attachment.control
-        layout = attachment.layout
-        if mode == ReaderMode.ORDERED and self._last_seq:
-            target = self._last_seq + 1
-        else:
-            target = newest
-        (slot,) = MAP_ENTRY.unpack_from(control, layout.map_entry(target))  # type: ignore[arg-type]
-        held = attachment.held
-        if slot < layout.slot_count:
-            frame = held.get(slot)
-            if frame is not None and frame.seq == target:
-                if mode == ReaderMode.LIVE:
-                    return frame
-        frame = self._lock_and_check(attachment, slot, target, mode)
-        if frame is None and mode == ReaderMode.ORDERED and self._last_seq:
-            frame = self._oldest_after(attachment, self._last_seq)
-        return frame
-
-    def _make_room(self, attachment: _Attachment) -> None:
-        held = attachment.held
-        while len(held) >= self._hold:
-            attachment.release(next(iter(held.values())))
-
     def _lock_and_check(self, attachment: _Attachment, slot: int, target: int, mode: int) -> Optional[Frame]:
-        layout = attachment.layout
-        if not 0 <= slot < layout.slot_count:
+        if slot >= attachment.slot_count or slot in attachment.held:
+            # A map entry from before the wanted frame was written, or a slot we hold an older
+            # frame in (so the wanted one cannot be there): look again.
             return None
-        if slot in attachment.held:
-            return None  # we hold an older frame there; the wanted one cannot be in that slot
-        self._make_room(attachment)
-        if not attachment.locks.try_shared(LOCK_SLOT_BASE + slot):
+        locks = attachment.locks
+        if not locks.try_shared(LOCK_SLOT_BASE + slot):
             return None
-        seq, timestamp_ns, wall, height, width, channels, fmt, _nbytes = META.unpack_from(attachment.control, layout.meta(slot))  # type: ignore[arg-type]
+        seq, timestamp_ns, wall, height, width, channels, fmt, _nbytes = _unpack_meta(attachment.control, attachment.layout.meta(slot))  # type: ignore[arg-type]
         if seq != target:
-            attachment.locks.unlock(LOCK_SLOT_BASE + slot)
+            locks.unlock(LOCK_SLOT_BASE + slot)
             return None
-        return self._hand_out(attachment, slot, seq, timestamp_ns, wall, height, width, channels, fmt, mode)
+        dropped = 0
+        if mode == ReaderMode.ORDERED and self._last_seq:
+            dropped = seq - self._last_seq - 1
+            self._dropped += dropped
+        shape = (height, width) if channels == 1 else (height, width, channels)
+        frame = Frame(attachment, slot, seq, timestamp_ns, wall, shape, _FORMAT_NAMES.get(fmt, "bgr"), dropped, attachment.view(slot, shape))
+        attachment.held[slot] = frame
+        self._last_seq = seq
+        self._last_stamp = (timestamp_ns, wall)
+        self._frames += 1
+        # Written for status at this reader's next call (or close): see _get.
+        self._progress_due = True
+        return frame
 
     def _oldest_after(self, attachment: _Attachment, after: int) -> Optional[Frame]:
         """Ordered mode, when the wanted frame is gone: the oldest frame still in the ring."""
@@ -694,7 +740,7 @@ class Reader:
         control = attachment.control
         candidates = []
         for slot in range(layout.slot_count):
-            seq = META.unpack_from(control, layout.meta(slot))[0]  # type: ignore[arg-type]
+            seq = _unpack_meta(control, layout.meta(slot))[0]  # type: ignore[arg-type]
             if seq > after:
                 candidates.append((seq, slot))
         for seq, slot in sorted(candidates):
@@ -703,56 +749,24 @@ class Reader:
                 return frame
         return None
 
-    def _hand_out(
-        self,
-        attachment: _Attachment,
-        slot: int,
-        seq: int,
-        timestamp_ns: int,
-        wall: float,
-        height: int,
-        width: int,
-        channels: int,
-        fmt: int,
-        mode: int,
-    ) -> Frame:
-        dropped = 0
-        if mode == ReaderMode.ORDERED and self._last_seq:
-            dropped = seq - self._last_seq - 1
-            self._dropped += dropped
-        shape = (height, width) if channels == 1 else (height, width, channels)
-        frame = Frame(attachment, slot, seq, timestamp_ns, wall, shape, PixelFormat.NAMES.get(fmt, "bgr"), dropped)
-        attachment.held[slot] = frame
-        self._last_seq = seq
-        self._frames += 1
+    def _write_progress(self, attachment: _Attachment) -> None:
+        """This reader's figures for status (and its cursor for the producer), in one write."""
+        self._progress_due = False
         control = attachment.control
-        offset = attachment.entry_offset
-        ENTRY_PROGRESS.pack_into(
-            control,
-            offset + ENTRY_PROGRESS_OFFSET,
-            seq,
-            seq if mode == ReaderMode.ORDERED else 0,
-            self._frames,
-            self._dropped,
-        )
-        ENTRY_HELD.pack_into(control, offset + ENTRY_HELD_OFFSET, len(attachment.held))
-        now = time.monotonic()
-        mark_time, mark_frames = self._rate_mark
-        if now - mark_time >= RATE_WINDOW:
-            self._fps = (self._frames - mark_frames) / (now - mark_time)
-            self._rate_mark = (now, self._frames)
-            ENTRY_RATE.pack_into(control, offset + ENTRY_RATE_OFFSET, self._fps, time.time())
-        return frame
-
-    def _write_progress(self, attachment: _Attachment, cursor: int) -> None:
-        ENTRY_PROGRESS.pack_into(
-            attachment.control,
-            attachment.entry_offset + ENTRY_PROGRESS_OFFSET,
-            self._last_seq,
-            cursor,
-            self._frames,
-            self._dropped,
-        )
+        if control is None:
+            return
+        seq = self._last_seq
+        frames = self._frames
+        cursor = seq if self._mode == ReaderMode.ORDERED else 0
+        _pack_progress(control, attachment.progress_offset, seq, cursor, frames, self._dropped, len(attachment.held))  # type: ignore[arg-type]
+        # The rate, over about RATE_WINDOW of capture time of the frames taken.
+        stamp, wall = self._last_stamp
+        mark_ns, mark_frames = self._rate_mark
+        if stamp and stamp - mark_ns >= RATE_WINDOW_NS:
+            if mark_ns:
+                self._fps = (frames - mark_frames) * 1e9 / (stamp - mark_ns)
+                ENTRY_RATE.pack_into(control, attachment.entry_offset + ENTRY_RATE_OFFSET, self._fps, wall)  # type: ignore[arg-type]
+            self._rate_mark = (stamp, frames)
 
     # --- waiting -------------------------------------------------------------------------------------------
 
@@ -799,7 +813,7 @@ class Reader:
                 f"no frame from stream {self._stream!r}: its daemon stopped and no new one serves it yet "
                 "(this reader re-attaches by itself when one does)"
             )
-        state = GEOMETRY.unpack_from(attachment.control, GEOMETRY_OFFSET)[0]  # type: ignore[arg-type]
+        state = STATE.unpack_from(attachment.control, STATE_OFFSET)[0]  # type: ignore[arg-type]
         reason = self._reason(attachment)
         detail = f"; the daemon reports {StreamState.NAMES.get(state, '?')}" + (f": {reason}" if reason else "")
         return f"no new frame from stream {self._stream!r} within the timeout{detail}"

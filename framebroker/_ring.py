@@ -116,8 +116,6 @@ LIVENESS_STEP = 0.5
 ORPHAN_STEP = 0.1
 # Posts a reader's wake-up semaphore may accumulate (see "Wake-ups" above).
 MAX_PENDING_WAKES = 2
-# How often the producer refreshes the list of live readers even without a hint (seconds).
-READER_REFRESH = 0.5
 
 
 def read_entry(buf: "bytes | memoryview", offset: int) -> dict:

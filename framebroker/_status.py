@@ -16,6 +16,8 @@ from ._errors import AccessDenied, IncompatibleSegment, StreamNotFound
 from ._layout import (
     COUNTERS,
     COUNTERS_OFFSET,
+    FRAME_COUNTERS,
+    FRAME_COUNTERS_OFFSET,
     EXTRA_OFFSET,
     EXTRA_SIZE,
     GEOMETRY,
@@ -34,7 +36,7 @@ from ._layout import (
     StreamState,
     decode_text,
 )
-from ._reader import RATE_WINDOW
+from ._reader import RATE_WINDOW_NS
 from ._ring import read_entry
 from ._segment import Segment, list_stream_names, open_segment
 
@@ -67,7 +69,7 @@ def describe_readers(segment: Segment) -> list[dict[str, Any]]:
         # A reader refreshes its rate with the first frame it takes RATE_WINDOW after the last
         # refresh, so a much older refresh means it stopped taking frames (stuck, or the stream
         # stalled): its last rate would be a lie.
-        if fps and last_frame and now - last_frame > 2 * RATE_WINDOW + 3.0 / fps:
+        if fps and last_frame and now - last_frame > 2 * RATE_WINDOW_NS / 1e9 + 3.0 / fps:
             fps = 0.0
         readers.append(
             {
@@ -97,18 +99,10 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     assert control is not None
     header = segment.header
     layout = segment.layout
-    (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)
-    state, fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
-    (
-        configured_fps,
-        measured_fps,
-        published,
-        source_drops,
-        publisher_drops,
-        last_mono_ns,
-        last_wall,
-        reconnects,
-    ) = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
+    newest, _slot, state, last_mono_ns, last_wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
+    published = newest  # every published frame gets the next seq
+    fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
+    configured_fps, measured_fps, source_drops, publisher_drops, reconnects = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
     (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
     alive = segment.owner_alive()
     now_mono = time.monotonic_ns()

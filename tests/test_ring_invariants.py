@@ -287,9 +287,9 @@ def test_protocol_documents_the_publishing_barrier():
     assert "aarch64" in doc and "x86" in doc
     source = Path(publisher.__file__).read_text()
     commit = source[source.index("def _commit") :]
-    meta_at = commit.index("META.pack_into")
+    meta_at = commit.index("_pack_meta(")
     unlock_at = commit.index("unlock(LOCK_SLOT_BASE")
-    newest_at = commit.index("NEWEST_SEQ.pack_into")
+    newest_at = commit.index("_pack_frame_counters(")
     assert meta_at < unlock_at < newest_at, "record, then the unlock barrier, then newest_seq"
     assert "publishing barrier" in commit[:unlock_at]
 
