@@ -441,6 +441,10 @@ class Publisher:
         if self._stream_state != StreamState.STREAMING:
             self.set_state("streaming")
         _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
+        # Wake the readers first: what follows is bookkeeping that nobody waits for.
+        for sem in self._wake_list:
+            if sem.value < MAX_PENDING_WAKES:
+                sem.release()
         self._seq = seq
         self._slot_seq[slot] = seq
         self._newest_slot = slot
@@ -450,9 +454,6 @@ class Publisher:
             recency.insert(0, slot)
         if timestamp_ns >= self._housekeeping_due_ns or seq >= self._housekeeping_due_seq:
             self._housekeeping(timestamp_ns)
-        for sem in self._wake_list:
-            if sem.value < MAX_PENDING_WAKES:
-                sem.release()
         # Lock the slot for the next frame now, while everything is in cache: after a frame period
         # of idling the same system call costs ten times as much. Readers that wait for the next
         # frame have given their slots back already, so this is the slot of the frame before.

@@ -31,7 +31,7 @@ Publishing frame ``s`` (producer)
 2. Write the pixels into slot ``k``, then its metadata record (seq ``s``, timestamps, geometry).
 3. ``unlock(LOCK_SLOT_BASE + k)``.
 4. Store ``map[s % map_size] = k``, then ``newest_seq = s``.
-5. Post each attached reader's wake-up semaphore (unless it already holds two posts).
+5. Post each attached reader's wake-up semaphore (unless a post is already pending).
 
 Leasing a frame (reader)
 ------------------------
@@ -74,9 +74,13 @@ locks vanish with it.
 Wake-ups
 --------
 One counting semaphore per reader-table entry, created by the producer. A reader that finds
-nothing new sleeps in ``sem_timedwait``; the producer posts after step 4. A post can wake a reader
-spuriously (it then just checks ``newest_seq`` again); capping posts at two keeps the count bounded
-for readers that never wait. Readers also wake every ``LIVENESS_STEP`` seconds while idle to check
+nothing new sleeps in ``sem_timedwait``; the producer posts after step 4, unless a post is already
+pending (``sem_getvalue`` > 0): that keeps the count bounded for readers that never wait and
+saves a futex wake per frame for readers that are busy. A pending post always reaches a reader
+that goes on to wait, and the reader checks ``newest_seq`` after every wake-up. (The producer reads
+the semaphore's value long after storing ``newest_seq``, hundreds of instructions later: had the
+store not drained by then, the cost would be one late wake-up, at the next frame or the liveness
+step, never a lost frame.) Readers also wake every ``LIVENESS_STEP`` seconds while idle to check
 that the daemon is alive, which costs a few microseconds, not a busy loop.
 
 Daemon death and restart
@@ -115,7 +119,7 @@ LIVENESS_STEP = 0.5
 # The same while the daemon is gone and the reader looks for its successor.
 ORPHAN_STEP = 0.1
 # Posts a reader's wake-up semaphore may accumulate (see "Wake-ups" above).
-MAX_PENDING_WAKES = 2
+MAX_PENDING_WAKES = 1
 
 
 def read_entry(buf: "bytes | memoryview", offset: int) -> dict:
