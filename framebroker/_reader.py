@@ -70,7 +70,7 @@ log = logging.getLogger("framebroker.reader")
 
 # How long attaching waits for another attaching process to finish its bookkeeping (seconds).
 ATTACH_LOCK_TIMEOUT = 2.0
-# How often a reader recomputes the fps it shows in status (nanoseconds of capture time).
+# How often a reader recomputes the fps it shows in status (nanoseconds).
 RATE_WINDOW_NS = 500_000_000
 
 # Bound methods of the structs used on every frame (saves two lookups per use).
@@ -361,8 +361,7 @@ class Reader:
         self._frames = 0
         self._dropped = 0
         self._info = ""
-        self._rate_mark = (0, 0)  # (capture time ns, frames) at the start of the rate window
-        self._last_stamp = (0, 0.0)  # capture time (ns, wall) of the last frame handed out
+        self._rate_mark = (0, 0)  # (monotonic ns, frames) at the start of the rate window
         self._progress_due = False
         self._fps = 0.0
         self._orphaned = False
@@ -728,7 +727,6 @@ class Reader:
         frame = Frame(attachment, slot, seq, timestamp_ns, wall, shape, _FORMAT_NAMES.get(fmt, "bgr"), dropped, attachment.view(slot, shape))
         attachment.held[slot] = frame
         self._last_seq = seq
-        self._last_stamp = (timestamp_ns, wall)
         self._frames += 1
         # Written for status at this reader's next call (or close): see _get.
         self._progress_due = True
@@ -759,14 +757,17 @@ class Reader:
         frames = self._frames
         cursor = seq if self._mode == ReaderMode.ORDERED else 0
         _pack_progress(control, attachment.progress_offset, seq, cursor, frames, self._dropped, len(attachment.held))  # type: ignore[arg-type]
-        # The rate, over about RATE_WINDOW of capture time of the frames taken.
-        stamp, wall = self._last_stamp
+        # The rate, over about RATE_WINDOW. Clock calls are fine here: this runs before the
+        # wait, not on the cold path after a wake-up.
+        now = time.monotonic_ns()
         mark_ns, mark_frames = self._rate_mark
-        if stamp and stamp - mark_ns >= RATE_WINDOW_NS:
+        if now - mark_ns >= RATE_WINDOW_NS:
             if mark_ns:
-                self._fps = (frames - mark_frames) * 1e9 / (stamp - mark_ns)
-                ENTRY_RATE.pack_into(control, attachment.entry_offset + ENTRY_RATE_OFFSET, self._fps, wall)  # type: ignore[arg-type]
-            self._rate_mark = (stamp, frames)
+                self._fps = (frames - mark_frames) * 1e9 / (now - mark_ns)
+                # With the time the reader last took a frame, which status uses to tell a stalled
+                # reader's old rate from a live one.
+                ENTRY_RATE.pack_into(control, attachment.entry_offset + ENTRY_RATE_OFFSET, self._fps, time.time())  # type: ignore[arg-type]
+            self._rate_mark = (now, frames)
 
     # --- waiting -------------------------------------------------------------------------------------------
 
