@@ -18,7 +18,6 @@ import argparse
 import html
 import json
 import logging
-import re
 import select
 import socket
 import sys
@@ -29,6 +28,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import framebroker as fb
+from framebroker.cli import float_in, int_in, stream_name
 
 from . import _prometheus
 from ._common import exit_on_sigterm, say
@@ -37,46 +37,13 @@ from ._mjpeg import JpegHub
 log = logging.getLogger("framebroker.view")
 
 BOUNDARY = b"framebroker-frame"
-# Stream names as the product contract fixes them (design section 2.10).
-STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
-def _int_in(low: int, high: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _fps(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-fps must be a number, got {text!r}") from None
-    if not 0 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"--max-fps must be between 0 (every frame) and 1000, got {text}")
-    return value
-
-
-def _stream_name(text: str) -> str:
-    if not STREAM_NAME.fullmatch(text) or set(text) == {"."}:
-        raise argparse.ArgumentTypeError(f"invalid stream name {text!r}: use 1-64 characters from A-Z a-z 0-9 _ . -")
-    return text
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", metavar="NAME", type=_stream_name, help="stream to show (it may start later)")
+    parser.add_argument("name", metavar="NAME", type=stream_name, help="stream to show (it may start later)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_int_in(0, 65535, "--port"), default=8080, help="TCP port (default 8080; 0 picks a free one)")
-    parser.add_argument("--quality", type=_int_in(1, 100, "--quality"), default=80, help="JPEG quality 1-100 (default 80)")
-    parser.add_argument("--max-fps", type=_fps, default=15.0, help="encode at most this many pictures a second (default 15; 0: every frame)")
-    parser.add_argument("--max-viewers", type=_int_in(1, 1000, "--max-viewers"), default=16, help="MJPEG viewers at once (default 16)")
+    parser.add_argument("--port", type=int_in(0, 65535, "--port"), default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    parser.add_argument("--quality", type=int_in(1, 100, "--quality"), default=80, help="JPEG quality 1-100 (default 80)")
+    parser.add_argument("--max-fps", type=float_in(0, 1000, "--max-fps", low_inclusive=True), default=15.0, help="encode at most this many pictures a second (default 15; 0: every frame)")
+    parser.add_argument("--max-viewers", type=int_in(1, 1000, "--max-viewers"), default=16, help="MJPEG viewers at once (default 16)")
 
 
 # --- the page -------------------------------------------------------------------------------------

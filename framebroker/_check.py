@@ -24,7 +24,6 @@ from ._layout import STREAM_NAME_RE, segment_path
 from ._reader import Reader
 from ._status import describe_stream, state_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Measured fps below this share of the configured rate earns a warning (not a failure).
 SLOW_SHARE = 0.8
 
@@ -103,36 +102,6 @@ class Report:
 
     def ages_ms(self) -> list[float]:
         return [(s.arrived_ns - s.captured_ns) / 1e6 for s in self.samples if s.captured_ns is not None]
-
-
-def save_image(image: np.ndarray, pixel_format: str, path: str, quality: int = 90) -> None:
-    """Write a frame as JPEG or PNG (by extension), atomically: a reader never sees half a file."""
-    import cv2  # heavy: imported where used
-
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in IMAGE_EXTENSIONS:
-        raise ValueError(f"cannot save {path!r}: the file name must end in .jpg, .jpeg or .png")
-    if pixel_format == "rgb":
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if extension != ".png" else []
-    ok, encoded = cv2.imencode(extension, image, params)
-    if not ok:
-        raise OSError(f"OpenCV could not encode a {image.shape} image as {extension}")
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".framebroker-", suffix=extension)
-    try:
-        with os.fdopen(handle, "wb") as output:
-            output.write(encoded.tobytes())
-        umask = os.umask(0o077)  # read it back (there is no other way), then restore it
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as open() would have made it: mkstemp makes 0600
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --- checking a source directly -----------------------------------------------------------------
@@ -260,7 +229,9 @@ def check_stream(name: str, *, seconds: float, timeout: float, say: Callable[[st
     report.configured_fps = before.get("configured_fps") or 0.0
     report.started_ns = time.monotonic_ns()
     try:
-        reader = Reader(name, name="check")
+        # hold=2: asking for the next frame gives back the one before it, and the last one taken
+        # must still be there for the snapshot when the next never comes.
+        reader = Reader(name, name="check", hold=2)
     except FrameBrokerError as exc:
         raise CheckFailed(str(exc)) from None
     with reader:
@@ -358,4 +329,4 @@ def default_snapshot_path(label: str) -> str:
     return path
 
 
-__all__ = ["CheckFailed", "Report", "Target", "check_source", "check_stream", "default_snapshot_path", "resolve_target", "save_image", "summarize"]
+__all__ = ["CheckFailed", "Report", "Target", "check_source", "check_stream", "default_snapshot_path", "resolve_target", "summarize"]

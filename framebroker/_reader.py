@@ -63,6 +63,7 @@ from ._layout import (
     validate_stream_name,
 )
 from ._ring import LIVENESS_STEP, ORPHAN_STEP
+from ._images import save_image
 from ._segment import Segment, open_segment
 from ._trigger import TriggerInbox
 
@@ -162,6 +163,11 @@ class Frame:
     def copy(self) -> np.ndarray:
         """A private, writable copy of the pixels, valid forever."""
         return self.array.copy()
+
+    def save(self, path: str, quality: int = 90) -> None:
+        """Save the picture as JPEG or PNG (by the file name's extension), atomically: whoever
+        reads ``path`` sees the old file or the new one, never half of one."""
+        save_image(self.array, self.format, path, quality)
 
     @property
     def height(self) -> int:
@@ -587,7 +593,11 @@ class Reader:
         return self._get(ReaderMode.LIVE, timeout)
 
     def next(self, timeout: Optional[float] = None) -> Frame:
-        """The newest frame, once it is newer than the last frame this reader returned."""
+        """The newest frame, once it is newer than the last frame this reader returned.
+
+        Calling it gives back the oldest held frame first if the hold budget is full (with the
+        default ``hold=1``: the previous frame), before waiting, so that frame is released even if
+        this call then times out: ``copy()`` what must outlive the call, or hold more."""
         return self._get(ReaderMode.NEXT, timeout)
 
     def __iter__(self) -> Iterator[Frame]:

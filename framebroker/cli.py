@@ -279,7 +279,8 @@ def _exit_on_sigterm() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._check import IMAGE_EXTENSIONS, CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, save_image, summarize
+    from ._check import CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, summarize
+    from ._images import IMAGE_EXTENSIONS, save_image
 
     if args.output and not args.output.lower().endswith(IMAGE_EXTENSIONS):
         raise UsageError(f"--output {args.output!r}: the snapshot file name must end in .jpg, .jpeg or .png")

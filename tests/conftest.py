@@ -215,3 +215,14 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def ffmpeg_decode(path: "str | Path", timeout: float = 120) -> subprocess.CompletedProcess:
+    """Decode a whole video with ffmpeg, stopping at the first broken frame (-xerror). The timing
+    is passed through: recordings carry capture times (variable rate), not a fixed frame rate."""
+    return subprocess.run(
+        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

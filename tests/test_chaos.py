@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import time
 
 import framebroker as fb
 from framebroker import testpattern
 from framebroker._status import describe_stream
 
-from conftest import wait_until
+from conftest import ffmpeg_decode, wait_until
 
 FPS = 30
 SLOTS = 12
@@ -123,13 +122,7 @@ def test_chaos(env, tmp_path):
     # The recording went through three daemon restarts and still decodes without an error.
     recorder.signal(signal.SIGINT)
     assert recorder.wait(timeout=30) == 0, recorder.output()
-    # passthrough: the file's timing is the capture times (variable rate), not a fixed frame rate.
-    decoded = subprocess.run(
-        ["ffmpeg", "-v", "error", "-xerror", "-i", str(recording), "-fps_mode", "passthrough", "-f", "null", "-"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    decoded = ffmpeg_decode(recording)
     assert decoded.returncode == 0 and not decoded.stderr.strip(), decoded.stderr
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=15) == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import framebroker as fb
 from framebroker import testpattern
 
-from conftest import wait_until
+from conftest import ffmpeg_decode, wait_until
 from test_recorder import SHAPE, decode, recorder_entry, wait_recorder_ordered
 
 FPS = 30
@@ -31,12 +30,7 @@ def capture_times(ts_path: Path) -> dict[int, int]:
 
 
 def decodes_cleanly(path: Path) -> None:
-    result = subprocess.run(
-        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-f", "null", "-"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = ffmpeg_decode(path)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 

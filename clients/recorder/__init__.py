@@ -32,6 +32,7 @@ from types import FrameType
 from typing import Optional
 
 import framebroker as fb
+from framebroker.cli import float_in, int_in
 
 from .clips import PreRollOutput
 from .encoders import ENCODERS
@@ -53,32 +54,6 @@ class _UsageError(ValueError):
     pass
 
 
-def _positive(what: str, low: float = 0.0, integer: bool = False):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float:
-        try:
-            value = int(text) if integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a {'whole ' if integer else ''}number, got {text!r}") from None
-        if not math.isfinite(value) or value <= low:
-            raise argparse.ArgumentTypeError(f"{what} must be > {low:g}, got {text}")
-        return value
-
-    return parse
-
-
-def _seconds_or_zero(what: str):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 0 seconds, got {text}")
-        return value
-
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="stream to record")
     parser.add_argument(
@@ -88,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="FILE.ts, udp://HOST:PORT or srt://HOST:PORT[?mode=listener&latency=...] "
         "(default: NAME-<UTC start>.ts in the current directory)",
     )
-    parser.add_argument("--duration", type=_positive("--duration"), metavar="S", help="stop after S seconds of video")
-    parser.add_argument("--segment", type=_positive("--segment", 0.0), metavar="S", help="start a new file every S seconds (on a keyframe)")
+    parser.add_argument("--duration", type=float_in(0, 1e9, "--duration"), metavar="S", help="stop after S seconds of video")
+    parser.add_argument("--segment", type=float_in(0, 1e6, "--segment"), metavar="S", help="start a new file every S seconds (on a keyframe)")
     parser.add_argument("--dir", metavar="DIR", help="directory for --segment files (default: current directory)")
-    parser.add_argument("--keep", type=_positive("--keep", 0, integer=True), metavar="N", help="with --segment: keep only the newest N files")
+    parser.add_argument("--keep", type=int_in(1, 10**9, "--keep"), metavar="N", help="with --segment: keep only the newest N files")
     parser.add_argument(
         "--encoder",
         default="auto",
@@ -99,20 +74,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (default: the first that passes a test encode of: Jetson, NVENC, VAAPI, V4L2 M2M, "
         f"else software x264) or one of: {', '.join(ENCODERS)}",
     )
-    parser.add_argument("--bitrate", type=_positive("--bitrate", 0, integer=True), metavar="KBPS", help="target bitrate in kbit/s (default: about 0.1 bit per pixel)")
+    parser.add_argument("--bitrate", type=int_in(1, 10**7, "--bitrate"), metavar="KBPS", help="target bitrate in kbit/s (default: about 0.1 bit per pixel)")
     parser.add_argument("--text", help="text drawn on the video (bottom left)")
     parser.add_argument("--clock", action="store_true", help="draw each frame's capture date and time (bottom right)")
     parser.add_argument("--index", action="store_true", help="with -o FILE: also write FILE.csv mapping seq -> PTS -> wall time")
     parser.add_argument(
         "--queue",
-        type=_positive("--queue", 0, integer=True),
+        type=int_in(1, 100_000, "--queue"),
         metavar="FRAMES",
         help="frames buffered in front of the encoder; beyond that frames are dropped and counted "
         "(default: 0.4 s of frames, at most 30)",
     )
     parser.add_argument(
         "--wait",
-        type=_seconds_or_zero("--wait"),
+        type=float_in(0, 1e6, "--wait", low_inclusive=True),
         default=10.0,
         metavar="S",
         help="wait up to S seconds for the stream to appear (default 10)",
@@ -123,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the last --pre-roll seconds encoded in memory and write a clip to DIR whenever a trigger "
         "arrives (framebroker trigger NAME, or fb.trigger() from any process); alone, or with -o/--segment",
     )
-    parser.add_argument("--pre-roll", type=_seconds_or_zero("--pre-roll"), default=5.0, metavar="S", help="with --clips: seconds before a trigger (default 5)")
-    parser.add_argument("--post-roll", type=_seconds_or_zero("--post-roll"), default=5.0, metavar="S", help="with --clips: seconds after the last trigger (default 5)")
+    parser.add_argument("--pre-roll", type=float_in(0, 3600, "--pre-roll", low_inclusive=True), default=5.0, metavar="S", help="with --clips: seconds before a trigger (default 5)")
+    parser.add_argument("--post-roll", type=float_in(0, 3600, "--post-roll", low_inclusive=True), default=5.0, metavar="S", help="with --clips: seconds after the last trigger (default 5)")
     parser.add_argument("--reader-name", default="recorder", help="name shown by framebroker status")
 
 
