@@ -422,11 +422,6 @@ class Publisher:
         """Give a claimed slot back unwritten (the write failed): keep it for the next frame."""
         self._next_slot = slot
 
-    def _release_next_slot(self) -> None:
-        slot, self._next_slot = self._next_slot, -1
-        if slot >= 0:
-            self._locks.unlock(LOCK_SLOT_BASE + slot)
-
     def _commit(self, slot: int, timestamp_ns: int) -> int:
         # The frame path: few calls on purpose (after a frame period of idling each one runs cold).
         seq = self._seq + 1

@@ -25,25 +25,31 @@ Publishing frame ``s`` (producer)
 ---------------------------------
 1. Pick a slot ``k``: never the newest frame's slot; by preference the most recently written slot
    that no ordered reader still needs (its bytes are likely still in cache, which makes the copy
-   about twice as fast as into a cold slot), else the oldest slot ordered readers still need.
+   faster than into a cold slot), else the oldest slot ordered readers still need.
    ``try_exclusive(LOCK_SLOT_BASE + k)``; if a reader holds a lease on it, try the next slot.
-   Never wait: the slot budget (below) guarantees a free slot exists.
+   Never wait: the slot budget (below) guarantees a free slot exists. This step is done right
+   after publishing the previous frame (the producer holds the next slot's lock between frames),
+   because after a frame period of idling the same system call costs ten times as much.
 2. Write the pixels into slot ``k``, then its metadata record (seq ``s``, timestamps, geometry).
 3. ``unlock(LOCK_SLOT_BASE + k)``.
-4. Store ``map[s % map_size] = k``, then ``newest_seq = s``.
-5. Post each attached reader's wake-up semaphore (unless a post is already pending).
+4. Store ``map[s % map_size] = k``, then the header's HEAD (``newest_seq = s``, its slot ``k``,
+   the state) in one write.
+5. Post each attached reader's wake-up semaphore (unless a post is already pending). Bookkeeping
+   nobody waits for (slot recency, the slow counters, the reader list) comes after.
 
 Leasing a frame (reader)
 ------------------------
-1. Read ``newest_seq`` (or, in ordered mode, want ``cursor + 1``) and look up ``k = map[seq]``.
-   Both are hints: nothing below trusts them.
+1. Read HEAD (``newest_seq``, its slot ``k``, the state) in one read; in ordered mode want
+   ``cursor + 1`` and look its slot up in the map. Both are hints: nothing below trusts them.
 2. ``try_shared(LOCK_SLOT_BASE + k)``. If that fails the producer is rewriting the slot: go to 1.
 3. Under the lock, read the slot's metadata. If its seq is not the one wanted, the slot was reused:
    unlock and go to 1 (ordered mode: take the oldest newer frame and count the gap as dropped).
 4. Hand out a read-only numpy view of slot ``k``. The frame is now immutable for as long as the
    lock is held, because the producer cannot take the exclusive lock it needs to write.
-5. Release = ``unlock(LOCK_SLOT_BASE + k)`` (explicitly, by asking for the next frame beyond the
-   hold budget, by closing the Reader, or by the kernel when the process dies).
+5. Release = ``unlock(LOCK_SLOT_BASE + k)``: explicitly, by closing the Reader, by the kernel when
+   the process dies, or by asking for another frame beyond the hold budget. ``next()`` and
+   ``ordered()`` release *before* they wait, so readers that wait for the next frame hold
+   nothing when it is published and the producer can keep rewriting the same two slots.
 
 What orders the frame bytes before the sequence number that publishes them (x86 and ARM)
 -----------------------------------------------------------------------------------------
@@ -67,8 +73,8 @@ Why the producer never waits
 Readers never hold anything the producer needs to proceed: the producer only *tries* slot locks,
 and each attached reader reserves at most ``hold`` slots (default 1, checked at attach time against
 ``slot_count - 2``). So with every reader frozen at its worst moment, at most ``slot_count - 2``
-slots are leased, the newest frame's slot is one more, and at least one slot is always free to
-write. A reader frozen (SIGSTOP) or killed mid-lease pins only its own budget; a killed one's
+slots are leased, the newest frame's slot is one more, and at least one slot (the one the
+producer locked ahead, or another) is always free to write. A reader frozen (SIGSTOP) or killed mid-lease pins only its own budget; a killed one's
 locks vanish with it.
 
 Wake-ups
