@@ -33,11 +33,13 @@ from conftest import cpu_seconds, shm_objects, wait_until
 def test_no_torn_frame_at_full_producer_speed(env):
     """Three reader processes check every byte of thousands of frames while the producer runs flat out."""
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "9", "--width", "320", "--height", "240")
+    # The producer runs until the test ends it; each reader stops after its share of frames
+    # (seconds on a quiet machine), or after 30 s on a very busy one.
+    producer = env.worker("produce", name, "--seconds", "120", "--width", "320", "--height", "240")
     producer.wait_event("ready")
-    readers = [env.worker("verify", name, "--seconds", "6", "--name", f"v{i}") for i in range(2)]
-    readers.append(env.worker("verify", name, "--seconds", "6", "--mode", "ordered", "--name", "ordered"))
-    results = [r.wait_event("done", timeout=30) for r in readers]
+    readers = [env.worker("verify", name, "--seconds", "30", "--frames", "1200", "--name", f"v{i}") for i in range(2)]
+    readers.append(env.worker("verify", name, "--seconds", "30", "--frames", "1200", "--mode", "ordered", "--name", "ordered"))
+    results = [r.wait_event("done", timeout=60) for r in readers]
     assert sum(r["checked"] for r in results) >= 3000, results
     assert all(r["bad"] == 0 for r in results), results
 
