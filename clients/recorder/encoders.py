@@ -40,7 +40,7 @@ import numpy as np
 
 import framebroker as fb
 
-from .packets import TIME_BASE, EncodedPacket, FrameStamp
+from .packets import TIME_BASE, EncodedPacket, FrameStamp, keep_tail
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -448,7 +448,7 @@ class GStreamerEncoder(Encoder):
         self._out = read_end
         self._reader = threading.Thread(target=self._read_output, name=f"{self.name}-out", daemon=True)
         self._reader.start()
-        threading.Thread(target=self._read_stderr, name=f"{self.name}-err", daemon=True).start()
+        keep_tail(self._process.stderr, self._stderr, f"{self.name}-err")  # type: ignore[union-attr,arg-type]
 
     def _encode(self, image: np.ndarray, stamp: FrameStamp, keyframe: bool) -> None:
         if self._error is not None:
@@ -490,14 +490,6 @@ class GStreamerEncoder(Encoder):
             log.error("%s returned an access unit with no frame waiting for it; dropped it", self.name)
             return
         self._emit(EncodedPacket(bytes(unit), stamp.pts, stamp.pts, bool(unit.is_keyframe), (stamp,)))
-
-    def _read_stderr(self) -> None:
-        process = self._process
-        assert process is not None and process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                self._stderr.append(line)
 
     def _wait_for_exit(self, timeout: float) -> Optional[int]:
         process = self._process

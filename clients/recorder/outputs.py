@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import framebroker as fb
 
-from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo
+from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo, keep_tail
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -438,15 +438,7 @@ class SrtOutput(Output):
         self._muxer = TsMuxer(self._chunks, info)  # type: ignore[arg-type]
         self._writer = threading.Thread(target=self._feed, name="srt-writer", daemon=True)
         self._writer.start()
-        threading.Thread(target=self._read_stderr, name="srt-stderr", daemon=True).start()
-
-    def _read_stderr(self) -> None:
-        process = self._process
-        assert process is not None and process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                self._stderr.append(line)
+        keep_tail(self._process.stderr, self._stderr, "srt-stderr")  # type: ignore[union-attr,arg-type]
 
     def _feed(self) -> None:
         process = self._process

@@ -10,9 +10,10 @@ a pre-roll buffer for event clips) attach to the router; nothing else sees packe
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional
+from typing import IO, TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from .outputs import Output
@@ -154,3 +155,18 @@ class PacketRouter:
                 error = error or exc
         if error is not None:
             raise error
+
+
+def keep_tail(stream: IO[bytes], lines: "deque[str]", name: str) -> threading.Thread:
+    """Collect the last lines a child process prints (``lines`` has a maxlen), in a thread of
+    its own, so its reason can be told when it fails (the encoders' and SRT children)."""
+
+    def run() -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").strip()
+            if line:
+                lines.append(line)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
