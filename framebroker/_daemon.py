@@ -13,9 +13,9 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
-from ._errors import SourceEnded, SourceError
+from ._errors import FrameBrokerError, SourceEnded
 from ._layout import RingLayout
 from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
 from ._segment import resolve_group
@@ -58,8 +58,9 @@ class Daemon:
         self.slots = slots
         self.group = group
         self.publisher: Optional[Publisher] = None
-        self._known_readers: dict[tuple[int, int], str] = {}
+        self._known_readers: Dict[Tuple[int, int], str] = {}
         self._next_reader_scan = 0.0
+        self._published_since_open = False
 
     def request_stop(self, signum: int = 0, frame: Optional[FrameType] = None) -> None:
         self.stop.set()
@@ -92,57 +93,78 @@ class Daemon:
         try:
             return self._loop(publisher)
         finally:
-            source.close()
+            self._close_source()
             publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
 
     def _loop(self, publisher: Publisher) -> int:
+        """Open the source, pump its frames, and on any failure retry with backoff until stopped.
+
+        Whatever the source raises, the daemon stays up: a ``SourceError`` is the source saying
+        what is wrong (unplugged, server gone); anything else (``cv2.error``, ``OSError``, a bug)
+        is logged with its traceback and counted (``source_errors`` in status), then handled the
+        same way (as is a ``ShmSpaceError`` when the source grew and ``/dev/shm`` is full). Only ``SourceEnded`` (a finite file) and the stop signal end the loop. The first
+        failure in a row is logged as a warning saying that it retries; the following attempts
+        only at debug level (status shows each one), so a camera that is plugged in an hour
+        later does not flood the log.
+        """
         source = self.source
         backoff = BACKOFF_FIRST
-        attempt = 0
+        failures = 0  # in a row, since frames last flowed
         while not self.stop.is_set():
+            self._published_since_open = False
             try:
                 source.open()
-            except SourceError as exc:
-                if self.stop.is_set():
-                    break
-                attempt += 1
-                reason = f"{exc} (attempt {attempt}, next in {backoff:.1f} s)"
-                log.warning("source unavailable: %s", reason)
-                publisher.set_state("reconnecting" if attempt > 1 or publisher.seq else "starting", reason)
-                if self.stop.wait(backoff):
-                    break
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                continue
-            log.info(
-                "source open: %dx%d %s at %s fps",
-                source.shape[1],
-                source.shape[0],
-                self.pixel_format,
-                f"{source.fps:g}" if source.fps else "unknown",
-            )
-            publisher.set_geometry(source.shape, self.pixel_format)
-            publisher.set_fps(source.fps)
-            try:
+                log.info(
+                    "source open: %dx%d %s at %s fps",
+                    source.shape[1],
+                    source.shape[0],
+                    self.pixel_format,
+                    f"{source.fps:g}" if source.fps else "unknown",
+                )
+                publisher.set_geometry(source.shape, self.pixel_format)
+                publisher.set_fps(source.fps)
                 self._pump(publisher)
-                backoff = BACKOFF_FIRST
             except SourceEnded as exc:
                 log.info("source ended: %s", exc)
                 publisher.set_state("ended", str(exc))
                 return 0
-            except SourceError as exc:
-                source.close()
+            except Exception as exc:  # noqa: BLE001 - the daemon outlives whatever its source does
+                self._close_source()
                 if self.stop.is_set():
                     break
-                attempt = 1
-                reason = f"{exc} (next attempt in {backoff:.1f} s)"
-                log.warning("source failed: %s", reason)
-                publisher.set_state("reconnecting", reason)
+                known = isinstance(exc, FrameBrokerError)  # SourceError, or ShmSpaceError on a resize
+                if not known:
+                    publisher.add_source_error()
+                    log.error("the source raised an unexpected error; treating it as a failure and retrying", exc_info=True)
+                if self._published_since_open:
+                    failures, backoff = 0, BACKOFF_FIRST
+                failures += 1
+                what = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+                reason = f"{what} (attempt {failures}, next in {backoff:.1f} s)"
+                if failures == 1:
+                    log.warning(
+                        "source %s: %s; retrying with backoff (%.1f s doubling to %.0f s); "
+                        "framebroker status shows each attempt",
+                        "failed" if self._published_since_open or publisher.seq else "unavailable",
+                        what,
+                        BACKOFF_FIRST,
+                        BACKOFF_MAX,
+                    )
+                else:
+                    log.debug("source still unavailable: %s", reason)
+                publisher.set_state("reconnecting" if publisher.seq or failures > 1 else "starting", reason)
                 if self.stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, BACKOFF_MAX)
         publisher.set_state("stopped", "stopped by signal")
         return 0
+
+    def _close_source(self) -> None:
+        try:
+            self.source.close()
+        except Exception:  # noqa: BLE001 - a source that cannot even close must not end the daemon
+            log.warning("closing the source failed", exc_info=True)
 
     def _pump(self, publisher: Publisher) -> None:
         """Move frames from the source into the ring until the source fails or we stop."""
@@ -162,6 +184,7 @@ class Daemon:
             if first:
                 log.info("first frame published")
                 first = False
+                self._published_since_open = True
             stamp_ns = writer.timestamp_ns or 0
             period_ns = 1e9 / source.fps if source.fps else 0.0
             if source.may_drop_frames and previous_ns and period_ns and stamp_ns - previous_ns > 1.5 * period_ns:
