@@ -30,7 +30,7 @@ SEGMENT_PREFIX = "framebroker."
 OBJECT_SEPARATOR = "@"
 
 MAGIC = b"FRMBRKR\x00"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 HEADER_SIZE = 4096
 META_RECORD_SIZE = 64
@@ -46,9 +46,9 @@ STREAM_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # Byte offsets used as OFD lock targets on the segment file (advisory, never read or written).
 LOCK_OWNER = 0  # the daemon holds it exclusively for its whole life
-LOCK_ATTACH = 1  # serialises readers while they reserve table entries and slot budget
 LOCK_SLOT_BASE = 1024  # + slot index: readers share, the producer takes it exclusively to write
 LOCK_ENTRY_BASE = 2048  # + entry index: a reader holds it exclusively while attached
+LOCK_TOKEN_BASE = 4096  # + token index: one per frame a reader may hold (its slot budget), exclusive
 
 
 class PixelFormat:
@@ -134,6 +134,16 @@ def semaphore_file_prefix(stream: str) -> str:
     return f"sem.{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}"
 
 
+def trigger_queue_prefix(stream: str) -> str:
+    """posix_ipc name prefix of every trigger queue of ``stream`` (``_trigger.py``)."""
+    return f"/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}trig."
+
+
+def trigger_queue_name(stream: str, epoch: int, entry: int, generation: int) -> str:
+    """posix_ipc name of the trigger queue of the listener in one reader-table entry."""
+    return f"{trigger_queue_prefix(stream)}{epoch:016x}.{entry}.{generation}"
+
+
 def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) // alignment * alignment
 
@@ -161,11 +171,9 @@ FRAME_COUNTERS_OFFSET = LIVE_OFFSET
 GEOMETRY = struct.Struct("<IIII")  # format, height, width, channels
 GEOMETRY_OFFSET = LIVE_OFFSET + 32
 # Written every half second or so: configured_fps, measured_fps, source_drops, publisher_drops,
-# reconnects.
-COUNTERS = struct.Struct("<ddQQQ")
+# reconnects, source_errors.
+COUNTERS = struct.Struct("<ddQQQQ")
 COUNTERS_OFFSET = LIVE_OFFSET + 56
-TABLE_CHANGED = struct.Struct("<Q")  # bumped by readers on attach/detach/mode change: a hint
-TABLE_CHANGED_OFFSET = LIVE_OFFSET + 96
 STATE_SINCE = struct.Struct("<d")
 STATE_SINCE_OFFSET = LIVE_OFFSET + 104
 REASON_OFFSET = 512
@@ -174,6 +182,11 @@ SOURCE_OFFSET = 1024
 SOURCE_SIZE = 512
 EXTRA_OFFSET = 1536  # JSON written by the daemon: options shown by status (group, format, ...)
 EXTRA_SIZE = 1024
+# One byte per reader-table entry, each written only by that entry's reader: it adds 1 when it
+# attaches, changes mode or detaches, so the producer, comparing the whole run with the copy it
+# saw last, knows when to rescan the table. One writer per byte: no update can be lost.
+CHANGES_OFFSET = 2560
+CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
 
 # --- per-slot metadata ---------------------------------------------------------------------------
 
@@ -243,6 +256,7 @@ class RingLayout:
         # Every reader holds at least one frame and the producer needs the newest frame plus one
         # slot to write into, so the table never needs more entries than this.
         table_size = slot_count - 2
+        assert table_size <= CHANGES_SIZE, "one change byte per entry must fit in the header"
         map_size = 1
         while map_size < 4 * slot_count:
             map_size *= 2

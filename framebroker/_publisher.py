@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import os
 import time
 from types import TracebackType
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import posix_ipc
 
 from ._errors import ClosedError
 from ._layout import (
+    CHANGES_OFFSET,
     COUNTERS,
     COUNTERS_OFFSET,
     FRAME_COUNTERS,
@@ -28,7 +28,6 @@ from ._layout import (
     GEOMETRY_OFFSET,
     STATE,
     STATE_OFFSET,
-    LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
     MAP_ENTRY,
     META,
@@ -38,16 +37,16 @@ from ._layout import (
     SOURCE_SIZE,
     STATE_SINCE,
     STATE_SINCE_OFFSET,
-    TABLE_CHANGED,
-    TABLE_CHANGED_OFFSET,
     PixelFormat,
     ReaderMode,
     StreamState,
     encode_text,
     validate_stream_name,
 )
+from ._lifecycle import Lifecycle
 from ._ring import MAX_PENDING_WAKES
 from ._segment import Segment, create_segment, discard_semaphores, resolve_group
+from ._table import changes, live_entries, remove_listener_queues
 
 DEFAULT_SLOTS = 12
 MAX_FPS = 10_000.0
@@ -55,14 +54,10 @@ MAX_FPS = 10_000.0
 HOUSEKEEPING_NS = 500_000_000
 HOUSEKEEPING_FRAMES = 256
 
+_CHANGES_START = CHANGES_OFFSET
 _pack_meta = META.pack_into
 _pack_map = MAP_ENTRY.pack_into
 _pack_frame_counters = FRAME_COUNTERS.pack_into
-
-
-class Lifecycle(enum.Enum):
-    OPEN = "open"
-    CLOSED = "closed"
 
 
 def check_shape(shape: object, pixel_format: Optional[str] = None) -> tuple[tuple[int, ...], int]:
@@ -173,41 +168,44 @@ class Publisher:
         capacity: Optional[int] = None,
     ) -> None:
         self._stream = validate_stream_name(stream)
-        self._shape, self._format = check_shape(shape, format)
+        dims, code = check_shape(shape, format)
         self._fps = check_fps(fps)
         self._gid = resolve_group(group)
-        self._group = group
         self._slots = slots
         self._source = source
-        frame_bytes = int(np.prod(self._shape))
+        frame_bytes = int(np.prod(dims))
         if capacity is None:
             capacity = frame_bytes
         if isinstance(capacity, bool) or not isinstance(capacity, int):
             raise TypeError("capacity must be an int (bytes per slot)")
         if capacity < frame_bytes:
-            raise ValueError(f"capacity {capacity} is smaller than one {_describe(self._shape, self._format)} frame ({frame_bytes} bytes)")
+            raise ValueError(f"capacity {capacity} is smaller than one {_describe(dims, code)} frame ({frame_bytes} bytes)")
         self._seq = 0
         self._publisher_drops = 0
         self._source_drops = 0
         self._reconnects = 0
+        self._source_errors = 0
         self._extra: dict[str, Any] = {}
         self._stream_state = StreamState.STARTING
         self._reason = ""
-        self._create(capacity, replace=None)
+        self._create(capacity, None, dims, code)
         self._state = Lifecycle.OPEN
         self._pid = os.getpid()
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def _create(self, capacity: int, replace: Optional[Segment]) -> None:
+    def _create(self, capacity: int, replace: Optional[Segment], shape: Tuple[int, ...], code: int) -> None:
+        """Make the segment (a new one, or a larger one replacing ``replace``) for frames of
+        ``shape``; nothing of this Publisher changes unless that succeeds."""
         segment, semaphores = create_segment(
             self._stream,
             self._slots,
             capacity,
             gid=self._gid,
-            describe_frame=_describe(self._shape, self._format),
+            describe_frame=_describe(shape, code),
             replace=replace,
         )
+        self._shape, self._format = shape, code
         self._segment = segment
         self._semaphores = semaphores
         layout = segment.layout
@@ -221,9 +219,9 @@ class Publisher:
         self._newest_slot = -1
         self._next_slot = -1  # locked ahead for the next frame (see _commit)
         self._rebuild_views()
-        self._wake_list: list[posix_ipc.Semaphore] = []
-        self._ordered_entries: list[int] = []
-        self._table_seen = -1
+        self._wake_list: List[posix_ipc.Semaphore] = []
+        self._ordered_entries: List[int] = []
+        self._changes_seen = b""
         self._rate_mark = (time.monotonic(), self._seq)
         self._measured_fps = 0.0
         self._housekeeping()
@@ -246,6 +244,7 @@ class Publisher:
         self._meta_geometry = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1, self._format, self._frame_bytes)
         layout = self._layout
         self._meta_offsets = [layout.meta(k) for k in range(layout.slot_count)]
+        self._changes_end = _CHANGES_START + layout.table_size
         self._map_offset = layout.map_offset
         self._map_mask = layout.map_size - 1
 
@@ -262,6 +261,8 @@ class Publisher:
     def _close_segment(self, segment: Optional[Segment], semaphores: Sequence[posix_ipc.Semaphore], unlink: bool) -> None:
         discard_semaphores(semaphores, unlink)
         if segment is not None:
+            if unlink and segment.control is not None:
+                remove_listener_queues(segment.control, segment.layout, self._stream, segment.header.epoch)
             if unlink and segment.still_named():
                 try:
                     os.unlink(segment.path)
@@ -331,7 +332,10 @@ class Publisher:
         if array.dtype != np.uint8:
             raise TypeError(f"frames must be uint8, got {array.dtype}")
         if array.shape != self._shape:
-            self.set_geometry(array.shape)
+            if array.ndim == 3 and array.shape[2] == 1:
+                array = array[:, :, 0]  # gray as (h, w, 1): the same pixels, stored as (h, w)
+            if array.shape != self._shape:
+                self.set_geometry(array.shape)
         slot = self._claim_slot()
         if slot < 0:
             self._publisher_drops += 1
@@ -351,24 +355,24 @@ class Publisher:
         """Change the frame shape (a camera came back at another resolution).
 
         A frame that fits the slots keeps the segment; a larger one makes a new, larger segment
-        under the same name, which readers re-attach to by themselves.
+        under the same name, which readers re-attach to by themselves. If that fails (``/dev/shm``
+        is full: ``ShmSpaceError``), nothing changed: the stream keeps its old geometry.
         """
         self._check_open()
         if format is None and len(tuple(shape)) == 3 and PixelFormat.CHANNELS[self._format] == 3:
             format = PixelFormat.NAMES[self._format]  # keep rgb/bgr when only the size changes
-        fmt = format
-        dims, code = check_shape(shape, fmt)
+        dims, code = check_shape(shape, format)
         if dims == self._shape and code == self._format:
             return
-        self._shape, self._format = dims, code
         needed = int(np.prod(dims))
         if needed <= self._capacity:
+            self._shape, self._format = dims, code
             self._rebuild_views()
             self._write_geometry()
             return
         old_segment, old_semaphores = self._segment, self._semaphores
         assert old_segment is not None
-        self._create(needed, replace=old_segment)
+        self._create(needed, old_segment, dims, code)
         # Tell readers of the old segment to move: mark it, wake them, then let it go.
         STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
@@ -386,8 +390,6 @@ class Publisher:
         return self._lock_a_slot()
 
     def _lock_a_slot(self) -> int:
-        if TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)[0] != self._table_seen:
-            self._refresh_readers()  # a reader came, went or changed mode: wake it, protect its frames
         newest = self._newest_slot
         try_exclusive = self._locks.try_exclusive
         if not self._ordered_entries:
@@ -436,6 +438,10 @@ class Publisher:
         if self._stream_state != StreamState.STREAMING:
             self.set_state("streaming")
         _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
+        # A reader that attached or changed mode since the last rescan is found now, after the
+        # HEAD store and before the posts: one that read HEAD before this frame is woken for it.
+        if control[_CHANGES_START : self._changes_end] != self._changes_seen:
+            self._refresh_readers()
         # Wake the readers first: what follows is bookkeeping that nobody waits for.
         for sem in self._wake_list:
             if sem.value < MAX_PENDING_WAKES:
@@ -474,17 +480,13 @@ class Publisher:
 
     def _refresh_readers(self) -> None:
         """Rescan the reader table: whom to wake, whose frames to keep (ordered readers)."""
-        self._table_seen = TABLE_CHANGED.unpack_from(self._control, TABLE_CHANGED_OFFSET)[0]
-        wake: list[posix_ipc.Semaphore] = []
-        ordered: list[int] = []
-        layout = self._layout
-        for index in range(layout.table_size):
-            if not self._locks.held_by_other(LOCK_ENTRY_BASE + index):
-                continue
+        control = self._control
+        self._changes_seen = changes(control, self._layout)
+        wake: List[posix_ipc.Semaphore] = []
+        ordered: List[int] = []
+        for index, offset in live_entries(self._locks, self._layout, control):
             wake.append(self._semaphores[index])
-            offset = layout.entry(index)
-            mode = ENTRY_IDENTITY.unpack_from(self._control, offset)[3]
-            if mode == ReaderMode.ORDERED:
+            if ENTRY_IDENTITY.unpack_from(control, offset)[3] == ReaderMode.ORDERED:
                 ordered.append(offset)
         self._wake_list = wake
         self._ordered_entries = ordered
@@ -529,6 +531,11 @@ class Publisher:
         """Count frames the source lost before they reached the ring (shown by status)."""
         self._source_drops += int(count)
 
+    def add_source_error(self) -> None:
+        """Count an unexpected error the source raised (a driver fault, a bug; shown by status)."""
+        self._source_errors += 1
+        self._write_counters()
+
     def set_info(self, **info: Any) -> None:
         """Extra key/values shown by ``framebroker status`` for this stream (JSON, 1 KiB)."""
         self._extra.update(info)
@@ -548,6 +555,7 @@ class Publisher:
             self._source_drops,
             self._publisher_drops,
             self._reconnects,
+            self._source_errors,
         )
 
     def _write_text(self, offset: int, size: int, text: str) -> None:

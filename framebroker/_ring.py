@@ -1,13 +1,15 @@
 """The ring protocol: how one producer and many readers share frames without waiting on each other.
 
-Byte layout: ``_layout.py``. Lock primitives: ``_locks.py``. This docstring is the contract
-between ``_publisher.py`` (the producer side) and ``_reader.py`` (the reader side).
+Byte layout: ``_layout.py``. Lock primitives: ``_locks.py``. The reader table: ``_table.py``.
+This docstring is the contract between ``_publisher.py`` (the producer side) and
+``_reader.py`` with ``_attachment.py`` (the reader side).
 
 Actors and who writes what
 --------------------------
 * The **producer** (one ``Publisher``; the daemon uses one) writes the header's live fields,
   every slot's pixels and metadata record, and the seq -> slot map.
-* Each **reader** writes only its own reader-table entry (identity, mode, progress, stats).
+* Each **reader** writes only its own reader-table entry (identity, mode, progress, stats) and
+  its own byte of the header's change bytes.
 * ``framebroker status`` writes nothing; it maps the control area read-only.
 
 Locks (OFD byte-range locks on the segment file, one byte each, never waited for on the frame path)
@@ -18,8 +20,28 @@ Locks (OFD byte-range locks on the segment file, one byte each, never waited for
   from it (the **lease**). The producer takes an *exclusive* lock on a slot while it writes it.
 * ``LOCK_ENTRY_BASE + i``: a reader holds it exclusively while attached. Free means entry i is
   unused or its reader is dead; the kernel drops it when the process dies, however it dies.
-* ``LOCK_ATTACH``: serialises attaching readers while they check the slot budget and claim an
-  entry. The producer never touches it.
+* ``LOCK_TOKEN_BASE + t``, for t below ``slot_count - 2``: the slot budget, one token per frame a
+  reader may hold. A reader takes ``hold`` of them exclusively when it attaches and keeps them
+  while attached. The producer never touches them.
+
+Every lock is taken with a non-blocking try, by everyone: nobody ever waits for a lock, so a
+process frozen (SIGSTOP) or killed while holding some pins only what it holds.
+
+The mappings of a segment are made through another open file description than the one that
+holds the locks (``Segment.map``): a frame view that outlives its Reader keeps the mapping alive,
+and must not keep the reader's locks alive with it.
+
+Attaching (reader)
+------------------
+1. Take ``hold`` token locks (try each; if fewer are free, give them back, pause a few
+   milliseconds and try again twice, then fail with ``CapacityError``). Tokens are what makes the
+   slot budget exact without a critical section: two readers attaching at once can only ever
+   each take what the kernel gave them.
+2. Take a free entry lock (one is always free once the tokens are held: each attached reader
+   holds at least one token). Write the entry, identity (pid) last, then add one to the entry's
+   change byte.
+3. Open the entry's wake-up semaphore. Detaching reverses this: clear the identity, close the
+   locking descriptor (entry, tokens and leases go at once), add one to the change byte.
 
 Publishing frame ``s`` (producer)
 ---------------------------------
@@ -34,8 +56,10 @@ Publishing frame ``s`` (producer)
 3. ``unlock(LOCK_SLOT_BASE + k)``.
 4. Store ``map[s % map_size] = k``, then the header's HEAD (``newest_seq = s``, its slot ``k``,
    the state) in one write.
-5. Post each attached reader's wake-up semaphore (unless a post is already pending). Bookkeeping
-   nobody waits for (slot recency, the slow counters, the reader list) comes after.
+5. Compare the change bytes with the copy taken at the last rescan; if any differs, rescan the
+   reader table (``_table.live_entries``): whom to wake, which readers are ordered.
+6. Post each attached reader's wake-up semaphore (unless a post is already pending). Bookkeeping
+   nobody waits for (slot recency, the slow counters) comes after.
 
 Leasing a frame (reader)
 ------------------------
@@ -71,23 +95,34 @@ record does not carry the wanted seq, and the record is read under the lock.
 Why the producer never waits
 ----------------------------
 Readers never hold anything the producer needs to proceed: the producer only *tries* slot locks,
-and each attached reader reserves at most ``hold`` slots (default 1, checked at attach time against
-``slot_count - 2``). So with every reader frozen at its worst moment, at most ``slot_count - 2``
-slots are leased, the newest frame's slot is one more, and at least one slot (the one the
-producer locked ahead, or another) is always free to write. A reader frozen (SIGSTOP) or killed mid-lease pins only its own budget; a killed one's
+and each attached reader leases at most ``hold`` slots, as many as the tokens it holds (default 1;
+there are ``slot_count - 2`` tokens). So with every reader frozen at its worst moment, at most
+``slot_count - 2`` slots are leased, the newest frame's slot is one more, and at least one slot
+(the one the producer locked ahead, or another) is always free to write. A reader frozen (SIGSTOP) or killed mid-lease pins only its own budget; a killed one's
 locks vanish with it.
 
 Wake-ups
 --------
 One counting semaphore per reader-table entry, created by the producer. A reader that finds
-nothing new sleeps in ``sem_timedwait``; the producer posts after step 4, unless a post is already
+nothing new sleeps in ``sem_timedwait``; the producer posts after step 5, unless a post is already
 pending (``sem_getvalue`` > 0): that keeps the count bounded for readers that never wait and
 saves a futex wake per frame for readers that are busy. A pending post always reaches a reader
-that goes on to wait, and the reader checks ``newest_seq`` after every wake-up. (The producer reads
-the semaphore's value long after storing ``newest_seq``, hundreds of instructions later: had the
-store not drained by then, the cost would be one late wake-up, at the next frame or the liveness
-step, never a lost frame.) Readers also wake every ``LIVENESS_STEP`` seconds while idle to check
-that the daemon is alive, which costs a few microseconds, not a busy loop.
+that goes on to wait, and the reader checks ``newest_seq`` after every wake-up.
+
+A reader that has just attached must be woken by the very next frame: it writes its change byte
+(attaching, step 2) before it first reads HEAD, and the producer reads the change bytes after it
+stores HEAD and before it posts (steps 4-6). Either the reader's HEAD read sees the new frame, or
+the producer's read of the change bytes sees the reader and posts to it. Each byte has one writer,
+so no change can be lost to a concurrent one; the producer keeps the whole run of bytes it saw
+and rescans when any byte differs.
+
+Neither side fences between its store and its load (Python has no fence); what stands in for one
+is distance: the reader makes system calls between its store and its load (opening the
+semaphore), and the producer reads the change bytes and the semaphore's value hundreds of
+instructions after storing ``newest_seq``. Had a store not drained by then, the cost would be one
+late wake-up, at the next frame or the liveness step, never a lost or torn frame. Readers also
+wake every ``LIVENESS_STEP`` seconds while idle to check that the daemon is alive, which costs a
+few microseconds, not a busy loop.
 
 Daemon death and restart
 ------------------------
@@ -103,54 +138,9 @@ get what is left, then ``SourceEnded``.
 
 from __future__ import annotations
 
-from ._layout import (
-    ENTRY_GENERATION,
-    ENTRY_GENERATION_OFFSET,
-    ENTRY_HELD,
-    ENTRY_HELD_OFFSET,
-    ENTRY_IDENTITY,
-    ENTRY_INFO_OFFSET,
-    ENTRY_INFO_SIZE,
-    ENTRY_NAME_OFFSET,
-    ENTRY_NAME_SIZE,
-    ENTRY_PROGRESS,
-    ENTRY_PROGRESS_OFFSET,
-    ENTRY_RATE,
-    ENTRY_RATE_OFFSET,
-    decode_text,
-)
-
 # How often an idle reader wakes to check that the daemon is alive (seconds).
 LIVENESS_STEP = 0.5
 # The same while the daemon is gone and the reader looks for its successor.
 ORPHAN_STEP = 0.1
 # Posts a reader's wake-up semaphore may accumulate (see "Wake-ups" above).
 MAX_PENDING_WAKES = 1
-
-
-def read_entry(buf: "bytes | memoryview", offset: int) -> dict:
-    """Decode one reader-table entry (for status and the producer's bookkeeping)."""
-    pid, uid, hold, mode, attached_wall = ENTRY_IDENTITY.unpack_from(buf, offset)
-    last_seq, cursor, frames, dropped = ENTRY_PROGRESS.unpack_from(buf, offset + ENTRY_PROGRESS_OFFSET)
-    (held,) = ENTRY_HELD.unpack_from(buf, offset + ENTRY_HELD_OFFSET)
-    fps, last_frame_wall = ENTRY_RATE.unpack_from(buf, offset + ENTRY_RATE_OFFSET)
-    (generation,) = ENTRY_GENERATION.unpack_from(buf, offset + ENTRY_GENERATION_OFFSET)
-    name = decode_text(buf[offset + ENTRY_NAME_OFFSET : offset + ENTRY_NAME_OFFSET + ENTRY_NAME_SIZE])
-    info = decode_text(buf[offset + ENTRY_INFO_OFFSET : offset + ENTRY_INFO_OFFSET + ENTRY_INFO_SIZE])
-    return {
-        "pid": pid,
-        "uid": uid,
-        "hold": hold,
-        "mode": mode,
-        "attached_wall": attached_wall,
-        "last_seq": last_seq,
-        "cursor": cursor,
-        "frames": frames,
-        "dropped": dropped,
-        "held": held,
-        "fps": fps,
-        "last_frame_wall": last_frame_wall,
-        "generation": generation,
-        "name": name,
-        "info": info,
-    }

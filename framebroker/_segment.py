@@ -42,6 +42,7 @@ from ._layout import (
     validate_stream_name,
 )
 from ._locks import ByteLocks
+from ._table import remove_listener_queues
 
 
 @dataclass(frozen=True)
@@ -166,17 +167,41 @@ class Segment:
     def map(self, control_writable: bool, data_access: Optional[str], fd: Optional[int] = None) -> None:
         """Map the control area and, unless ``data_access`` is None, the frames ("r" or "rw").
 
-        ``fd`` maps through another descriptor of the same file (the owner maps through one
-        opened by the final name, so /proc/PID/maps and lsof show the stream's name).
+        The mappings are made through another open file description of the same file than the
+        one that holds this instance's locks: a mapping keeps the description it was made from
+        alive, and OFD locks last as long as their description. Mapped through ``self.fd``, a
+        frame view that outlives ``close()`` would keep the reader's entry and leases locked, a
+        phantom reader nobody can remove. ``fd`` names that other description (the owner maps
+        through one opened by the final name, so /proc/PID/maps and lsof show the stream's
+        name); by default a fresh one is opened for the mapping and closed right after.
         """
         layout = self.layout
-        source = self.fd if fd is None else fd
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if control_writable else 0)
-        self.control = mmap.mmap(source, layout.data_offset, mmap.MAP_SHARED, prot)
-        if data_access is not None:
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if data_access == "rw" else 0)
-            length = layout.total_size - layout.data_offset
-            self.data = mmap.mmap(source, length, mmap.MAP_SHARED, prot, offset=layout.data_offset)
+        writable = control_writable or data_access == "rw"
+        source = self._reopen(writable) if fd is None else fd
+        try:
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if control_writable else 0)
+            self.control = mmap.mmap(source, layout.data_offset, mmap.MAP_SHARED, prot)
+            if data_access is not None:
+                prot = mmap.PROT_READ | (mmap.PROT_WRITE if data_access == "rw" else 0)
+                length = layout.total_size - layout.data_offset
+                self.data = mmap.mmap(source, length, mmap.MAP_SHARED, prot, offset=layout.data_offset)
+        finally:
+            if fd is None:
+                os.close(source)
+
+    def _reopen(self, writable: bool) -> int:
+        """A new open file description of this very file (not of whatever the name holds now)."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            return os.open(f"/proc/self/fd/{self.fd}", flags)
+        except FileNotFoundError:
+            pass  # no /proc: go by the name, and make sure it is still this file
+        fd = os.open(self.path, flags)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.inode:
+            os.close(fd)
+            raise StreamNotFound(f"stream {self.stream!r} was replaced while attaching; try again")
+        return fd
 
     def owner_alive(self) -> bool:
         return self.locks.exclusively_held_by_other(LOCK_OWNER)
@@ -188,6 +213,12 @@ class Segment:
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == self.inode
+
+    def close_descriptor(self) -> None:
+        """Drop the descriptor and with it every OFD lock of this instance; the mappings stay."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def close(self) -> None:
         """Drop the descriptor (and with it every OFD lock) and the mappings.
@@ -203,9 +234,7 @@ class Segment:
                 except BufferError:
                     pass  # views exist: the mapping lives on until they are garbage-collected
                 setattr(self, attr, None)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close_descriptor()
 
 
 def _free_shm_bytes() -> Optional[int]:
@@ -302,10 +331,23 @@ def _probe_existing(stream: str, path: str) -> Optional[StaticHeader]:
             cur = os.stat(path)
             if (cur.st_dev, cur.st_ino) == (st.st_dev, st.st_ino):
                 os.unlink(path)
-        remove_semaphores(stream, keep_epoch=None)
+        # Only the dead daemon's own semaphores: a new daemon starting at this moment may have
+        # made its own already (they carry its epoch), and they are not ours to remove.
+        remove_semaphores(stream, header.epoch)
+        _remove_listener_queues_of(fd, header, stream)
         return header
     finally:
         os.close(fd)
+
+
+def _remove_listener_queues_of(fd: int, header: StaticHeader, stream: str) -> None:
+    """The trigger queues a dead daemon's listeners left (named after its table's entries)."""
+    layout = header.layout
+    control = mmap.mmap(fd, layout.data_offset, mmap.MAP_SHARED, mmap.PROT_READ)
+    try:
+        remove_listener_queues(control, layout, stream, header.epoch)
+    finally:
+        control.close()
 
 
 def remove_stale(stream: str) -> Optional[StaticHeader]:
@@ -321,16 +363,15 @@ def remove_stale(stream: str) -> Optional[StaticHeader]:
     return removed
 
 
-def remove_semaphores(stream: str, keep_epoch: Optional[int]) -> None:
-    """Unlink the stream's wake-up semaphores, except those of ``keep_epoch``."""
-    prefix = semaphore_file_prefix(stream)
-    keep = None if keep_epoch is None else f"{prefix}{keep_epoch:016x}."
+def remove_semaphores(stream: str, epoch: int) -> None:
+    """Unlink the wake-up semaphores of the segment of ``stream`` with this epoch."""
+    prefix = f"{semaphore_file_prefix(stream)}{epoch:016x}."
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return
     for entry in names:
-        if entry.startswith(prefix) and (keep is None or not entry.startswith(keep)):
+        if entry.startswith(prefix):
             try:
                 os.unlink(os.path.join(SHM_DIR, entry))
             except OSError:
@@ -352,7 +393,8 @@ def discard_semaphores(semaphores: "list[posix_ipc.Semaphore] | tuple", unlink: 
 
 
 def _remove_dead_drafts(stream: str) -> None:
-    """Remove half-built segments left by a daemon that died while creating one."""
+    """Remove half-built segments (and their semaphores) left by a daemon that died while
+    creating one. A draft's name carries its epoch: ``framebroker.NAME@new.PID.EPOCH``."""
     prefix = f"{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}new."
     try:
         names = os.listdir(SHM_DIR)
@@ -369,7 +411,10 @@ def _remove_dead_drafts(stream: str) -> None:
         try:
             if not ByteLocks(fd).held_by_other(LOCK_OWNER):
                 os.unlink(path)
-        except OSError:
+                epoch = entry.rsplit(".", 1)[-1]
+                if all(c in "0123456789abcdef" for c in epoch):
+                    remove_semaphores(stream, int(epoch, 16))
+        except (OSError, ValueError):
             pass
         finally:
             os.close(fd)

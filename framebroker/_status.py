@@ -22,7 +22,6 @@ from ._layout import (
     EXTRA_SIZE,
     GEOMETRY,
     GEOMETRY_OFFSET,
-    LOCK_ENTRY_BASE,
     NEWEST_SEQ,
     NEWEST_SEQ_OFFSET,
     REASON_OFFSET,
@@ -37,8 +36,8 @@ from ._layout import (
     decode_text,
 )
 from ._reader import RATE_WINDOW_NS
-from ._ring import read_entry
 from ._segment import Segment, list_stream_names, open_segment
+from ._table import live_entries, read_entry
 
 SCHEMA_VERSION = 1
 
@@ -53,17 +52,14 @@ def _json_text(raw: str) -> Any:
 
 
 def describe_readers(segment: Segment) -> list[dict[str, Any]]:
-    """Every live reader of an opened, mapped segment (dead entries are skipped)."""
+    """Every live reader of an opened, mapped segment (dead and closed ones are not shown)."""
     control = segment.control
     assert control is not None
-    layout = segment.layout
     (newest,) = NEWEST_SEQ.unpack_from(control, NEWEST_SEQ_OFFSET)
     now = time.time()
     readers = []
-    for index in range(layout.table_size):
-        if not segment.locks.held_by_other(LOCK_ENTRY_BASE + index):
-            continue
-        entry = read_entry(control, layout.entry(index))
+    for index, offset in live_entries(segment.locks, segment.layout, control):
+        entry = read_entry(control, offset)
         last_frame = entry["last_frame_wall"]
         fps = entry["fps"]
         # A reader refreshes its rate with the first frame it takes RATE_WINDOW after the last
@@ -102,7 +98,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     newest, _slot, state, last_mono_ns, last_wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     published = newest  # every published frame gets the next seq
     fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
-    configured_fps, measured_fps, source_drops, publisher_drops, reconnects = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
+    configured_fps, measured_fps, source_drops, publisher_drops, reconnects, source_errors = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
     (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
     alive = segment.owner_alive()
     now_mono = time.monotonic_ns()
@@ -134,6 +130,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
         "source_drops": source_drops,
         "publisher_drops": publisher_drops,
         "reconnects": reconnects,
+        "source_errors": source_errors,
         "last_frame_age_s": round(last_age, 3) if last_age is not None else None,
         "last_frame_wall": last_wall or None,
         "started": header.created_wall,

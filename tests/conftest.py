@@ -219,9 +219,12 @@ def cpu_seconds(pid: int) -> float:
 
 def ffmpeg_decode(path: "str | Path", timeout: float = 120) -> subprocess.CompletedProcess:
     """Decode a whole video with ffmpeg, stopping at the first broken frame (-xerror). The timing
-    is passed through: recordings carry capture times (variable rate), not a fixed frame rate."""
+    is passed through: recordings carry capture times (variable rate), not a fixed frame rate, so
+    the output keeps the file's own 1/90000 s time base (-enc_time_base -1); in one guessed from
+    the rate, two frames closer than a frame period (a daemon catching up under load) would
+    share a timestamp and make ffmpeg complain about a file that is fine."""
     return subprocess.run(
-        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-f", "null", "-"],
+        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-enc_time_base", "-1", "-f", "null", "-"],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -291,6 +291,9 @@ def test_many_viewers_cost_one_jpeg_encode_per_frame_and_none_while_idle(env):
     mark = describe_stream(name)["seq"]
     wait_until(lambda: describe_stream(name)["seq"] >= mark + 30, 20, "another second of frames")
     assert value(metrics(url), "framebroker_preview_jpeg_encodes_total", stream=name) == encodes
+    # ... and it detaches: gone from status, not left there as a reader with pid 0 (the last
+    # frame it encoded still views shared memory, which must not keep its entry alive).
+    wait_until(lambda: "view" not in [r["name"] for r in describe_stream(name)["readers"]], 10, "the idle preview to leave status")
     assert view.stop() == 0, view.output()
     assert "Traceback" not in view.output()
 

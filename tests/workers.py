@@ -221,7 +221,39 @@ def survive(args: argparse.Namespace) -> int:
     return 0
 
 
+def listen(args: argparse.Namespace) -> int:
+    """Listen for triggers until killed (tests kill it to leave its queue behind)."""
+    with fb.Reader(args.stream, name=args.name, wait=10.0) as cam, cam.triggers() as inbox:
+        emit(event="listening", pid=os.getpid(), queue=inbox.name)
+        while True:
+            trigger = inbox.receive(timeout=1.0)
+            if trigger is not None:
+                emit(event="trigger", label=trigger.label)
+
+
+def freeze_attaching(args: argparse.Namespace) -> int:
+    """Attach, but stop this very process (SIGSTOP) right after the first exclusive lock that
+    attaching takes beyond the segment's own: a reader frozen in the middle of attaching."""
+    from framebroker import _locks
+
+    original = _locks.ByteLocks.try_exclusive
+
+    def try_exclusive(self: _locks.ByteLocks, offset: int) -> bool:
+        taken = original(self, offset)
+        if taken and offset > 0:
+            _locks.ByteLocks.try_exclusive = original  # type: ignore[method-assign]
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return taken
+
+    _locks.ByteLocks.try_exclusive = try_exclusive  # type: ignore[method-assign]
+    with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
+        emit(event="attached", seq=cam.latest(timeout=5.0).seq)
+    return 0
+
+
 ROLES = {
+    "listen": listen,
+    "freeze-attaching": freeze_attaching,
     "produce": produce,
     "verify": verify_loop,
     "hold": hold,
