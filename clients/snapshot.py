@@ -13,7 +13,7 @@ import sys
 import time
 
 import framebroker as fb
-from framebroker.cli import float_in, int_in
+from framebroker.arguments import float_in, int_in
 
 from ._common import exit_on_sigterm, say
 

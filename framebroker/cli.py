@@ -1,8 +1,10 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, snapshot, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
-only the public API; they are imported only when their command runs.
+record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
+``clients/`` folder) and use only the public API. A client module is imported only when its
+command is parsed: ``framebroker --help`` lists every command from ``CLIENT_COMMANDS`` alone,
+and ``framebroker record --help`` imports the recorder to show its options.
 """
 
 from __future__ import annotations
@@ -11,21 +13,25 @@ import argparse
 import importlib
 import json
 import logging
-import math
+import os
 import shutil
 import signal
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from types import ModuleType
+from typing import Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
-from ._layout import MAX_SLOTS, MIN_SLOTS, validate_stream_name
+from ._layout import MAX_SLOTS, MIN_SLOTS
+from .arguments import float_in, int_in, stream_name
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-# command -> (module in framebroker.clients, one-line help)
+CLIENTS_PACKAGE = "framebroker_clients"
+
+# command -> (module in framebroker_clients, one-line help)
 CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
     "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
@@ -35,44 +41,50 @@ CLIENT_COMMANDS = {
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
 }
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_LEVEL_HELP = "log verbosity on stderr (default info); before or after the command's name"
+
 
 class UsageError(Exception):
     """Bad command-line input found after parsing; exits with code 2."""
 
 
-def stream_name(text: str) -> str:
+class ClientsMissing(FrameBrokerError):
+    """The client commands' package is not installed (a bare source checkout)."""
+
+
+def load_client(module: str) -> ModuleType:
+    """Import ``framebroker_clients.<module>``; ClientsMissing if the package is not installed."""
     try:
-        return validate_stream_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return importlib.import_module(f"{CLIENTS_PACKAGE}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != CLIENTS_PACKAGE:
+            raise
+        raise ClientsMissing(
+            f"the client commands come from the {CLIENTS_PACKAGE} package (the repository's clients/ folder), "
+            "which is not installed: install framebroker with pip install . (or pip install -e . in a checkout)"
+        ) from None
 
 
-def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {value}")
-        return value
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. A client command's options come from its module, imported only when
+    this parser runs (``--help`` included); ``--log-level`` is added last, after them."""
 
-    return parse
+    def __init__(self, *args: Any, client: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client = client
+        self._complete = False
 
-
-def float_in(low: float, high: float, what: str, *, low_inclusive: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        too_low = value < low if low_inclusive else value <= low
-        if not math.isfinite(value) or too_low or value > high:
-            bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
-            raise argparse.ArgumentTypeError(f"{what} must be {bound} and <= {high:g}, got {text}")
-        return value
-
-    return parse
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self._complete:
+            if self._client:
+                load_client(self._client).add_arguments(self)
+                self.set_defaults(client_module=self._client)
+            # After the command's name too, where it wins over one before it. SUPPRESS: when
+            # absent here, the value from before the name (or its default) stays.
+            self.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
+            self._complete = True
+        return super().parse_known_args(args, namespace)
 
 
 def add_geometry_options(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error. Python API: import framebroker as fb.",
     )
     parser.add_argument("--version", action="version", version=f"framebroker {_version()}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     commands.required = True
 
     serve = commands.add_parser(
@@ -174,10 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
 
     for command, (module, help_text) in CLIENT_COMMANDS.items():
-        sub = commands.add_parser(command, help=help_text, description=help_text)
-        client = importlib.import_module(f"framebroker.clients.{module}")
-        client.add_arguments(sub)
-        sub.set_defaults(client_module=module)
+        commands.add_parser(command, help=help_text, description=help_text, client=module)
     return parser
 
 
@@ -402,15 +411,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ClientsMissing as exc:
+        print(f"framebroker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     _configure_logging(args.log_level)
     handlers = {"serve": _serve, "status": _status, "check": _check, "demo": _demo, "clean": _clean, "trigger": _trigger}
     try:
         handler = handlers.get(args.command)
         if handler is not None:
             return handler(args)
-        client = importlib.import_module(f"framebroker.clients.{args.client_module}")
-        return int(client.main(args) or 0)
+        return int(load_client(args.client_module).main(args) or 0)
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"framebroker {args.command}: error: {exc}\n")
     except FrameBrokerError as exc:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from framebroker._status import describe_stream
 
 from conftest import shm_objects, wait_until
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def test_three_consumers_on_one_stream_at_once(env):
@@ -111,3 +117,101 @@ def test_clean_removes_only_what_dead_daemons_left(env):
         assert open(path, "rb").read() == b"someone else's data"
     finally:
         os.unlink(path)
+
+
+# --- the command line: --log-level before or after the command, unknown names -----------------
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_log_level_is_accepted_before_and_after_the_command(env, where):
+    name = env.name()
+    level = ["--log-level", "error"]
+    snapshot = ["snapshot", name, "-o", "never.jpg"]  # a client command: its parser is loaded late
+    result = env.run_cli(*level, *snapshot) if where == "before" else env.run_cli(*snapshot, *level)
+    assert result.returncode == 1 and "nothing serves it" in result.stderr, result.stderr
+    result = env.run_cli("status", name, "--log-level", "debug")
+    assert result.returncode == 1 and "nothing serves it" in result.stdout, result.stdout + result.stderr
+
+
+# --- packaging: clients use the public API, load on demand, and install cleanly -------------------
+
+PUBLIC_MODULES = {"framebroker", "framebroker.arguments", "framebroker.testpattern"}
+
+
+def test_clients_import_only_the_public_api():
+    import framebroker
+
+    public_names = set(framebroker.__all__) | {"arguments", "testpattern"}
+    for path in sorted((REPOSITORY / "clients").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+                if node.module == "framebroker":
+                    private = {alias.name for alias in node.names} - public_names
+                    assert not private, f"{path.relative_to(REPOSITORY)} imports {private} from framebroker"
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] == "framebroker":
+                    assert module in PUBLIC_MODULES, f"{path.relative_to(REPOSITORY)} imports {module}"
+    # In code, or in code handed to `python -c` as a string.
+    edits_sys_path = re.compile(r"sys\.path(\.(pop|insert|append|extend|remove)\(|\s*\+?=[^=]|\[)")
+    for folder in ("framebroker", "clients"):
+        for path in (REPOSITORY / folder).rglob("*.py"):
+            assert not edits_sys_path.search(path.read_text()), f"{path.relative_to(REPOSITORY)} edits sys.path"
+
+
+def test_help_imports_no_client_and_a_command_help_shows_its_options(env):
+    probe = (
+        "import sys\n"
+        "from framebroker.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('clients loaded:', sorted(m for m in sys.modules if 'clients' in m))\n"
+    )
+    listing = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True, timeout=60)
+    assert "clients loaded: []" in listing.stdout, listing.stdout + listing.stderr
+    for command in ("serve", "status", "check", "trigger", "clean", "demo", "faces", "motion", "read", "record", "view", "snapshot"):
+        assert re.search(rf"^    {command} +\S", listing.stdout, re.M), f"{command} and its help line\n{listing.stdout}"
+    record = subprocess.run([sys.executable, "-c", probe, "record", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--segment S" in record.stdout and "--wait S" in record.stdout and "--log-level" in record.stdout, record.stdout
+    assert "'framebroker_clients.recorder'" in record.stdout and "'framebroker_clients.preview'" not in record.stdout
+
+
+@pytest.mark.parametrize("how", ["wheel", "editable"])
+def test_a_fresh_install_runs_every_command(env, tmp_path, how):
+    """`pip install .` and `pip install -e .` into a new venv: the clients are found from any
+    directory, the checkout's own folder included, and the demo's children start."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    # The dependencies (numpy, OpenCV, PyAV, posix_ipc) come from this environment; framebroker
+    # itself only from the new install.
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ours = [path for path in sys.path if path.endswith(("site-packages", "dist-packages"))]
+    Path(site, "dependencies.pth").write_text("\n".join(ours) + "\n")
+    target = ["-e", str(REPOSITORY)] if how == "editable" else [str(REPOSITORY)]
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", *target],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    framebroker = str(venv / "bin" / "framebroker")
+    for cwd in (str(tmp_path), str(REPOSITORY)):
+        for argv in ([framebroker, "record", "--help"], [python, "-m", "framebroker", "record", "--help"]):
+            result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and "--segment S" in result.stdout, f"{argv} in {cwd}\n{result.stderr}"
+    name = env.name("demo")
+    demo = subprocess.run(
+        [framebroker, "demo", "--name", name, "--duration", "4"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert f"stream {name}: streaming" in demo.stdout
+    for label in ("[faces]", "[motion]", "[read]"):
+        assert re.search(rf"^{re.escape(label)} ", demo.stdout, re.M), demo.stdout
+    assert "/dev/shm is clean" in demo.stdout

@@ -32,7 +32,7 @@ from types import FrameType
 from typing import Optional
 
 import framebroker as fb
-from framebroker.cli import float_in, int_in
+from framebroker.arguments import float_in, int_in
 
 from .clips import PreRollOutput
 from .encoders import ENCODERS
