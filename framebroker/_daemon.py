@@ -18,6 +18,7 @@ from typing import Optional
 from ._errors import SourceEnded, SourceError
 from ._layout import RingLayout
 from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
+from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
 from .sources import GeometryChanged, Source, make_source, parse_source
@@ -100,6 +101,7 @@ class Daemon:
         source = self.source
         backoff = BACKOFF_FIRST
         attempt = 0
+        retry_log = RetryLog(log, self.spec.display, BACKOFF_MAX)
         while not self.stop.is_set():
             try:
                 source.open()
@@ -108,12 +110,13 @@ class Daemon:
                     break
                 attempt += 1
                 reason = f"{exc} (attempt {attempt}, next in {backoff:.1f} s)"
-                log.warning("source unavailable: %s", reason)
+                retry_log.failed(str(exc), attempt, backoff)
                 publisher.set_state("reconnecting" if attempt > 1 or publisher.seq else "starting", reason)
                 if self.stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            retry_log.opened()
             log.info(
                 "source open: %dx%d %s at %s fps",
                 source.shape[1],

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
             "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
-            "or gst://PIPELINE. A failing source is retried with backoff; SIGTERM/SIGINT stop cleanly."
+            "or gst://PIPELINE. A file must exist at start; a camera or server that is not there (yet) or fails is "
+            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly."
         ),
     )
     serve.add_argument("source", metavar="SOURCE", help="camera URI (see above)")
@@ -206,6 +207,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from ._daemon import Daemon
+    from .sources._uri import check_file_exists
 
     try:
         daemon = Daemon(
@@ -220,6 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+    # Cameras and servers are waited for; a file that is not there now is a mistake (exit 1).
+    check_file_exists(daemon.spec)
     daemon.install_signal_handlers()
     return daemon.run()
 

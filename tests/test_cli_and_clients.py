@@ -133,6 +133,27 @@ def test_log_level_is_accepted_before_and_after_the_command(env, where):
     assert result.returncode == 1 and "nothing serves it" in result.stdout, result.stdout + result.stderr
 
 
+# --- waiting: the daemon for its camera, a client for its stream --------------------------------
+
+
+def test_a_missing_camera_is_announced_once_and_retried_quietly(env):
+    quiet, quiet_name = env.serve("/dev/video61", wait=False)
+    # --log-level after the command name works like before it; debug shows every attempt.
+    chatty, chatty_name = env.serve("/dev/video61", None, "--log-level", "debug", wait=False)
+    for name in (quiet_name, chatty_name):
+        wait_until(lambda: "attempt 4," in describe_stream(name).get("reason", ""), 30, f"4 attempts of {name}")
+    for daemon in (quiet, chatty):
+        warnings = [line for line in daemon.stderr if " WARNING: " in line]
+        assert len(warnings) == 1, daemon.output()
+        assert warnings[0].endswith(
+            "WARNING: waiting for /dev/video61: no such device /dev/video61: is the camera plugged in? (ls /dev/video*); "
+            "retrying every 0.5 s, backing off to every 10 s (further attempts are logged at debug level)"
+        ), daemon.output()
+    assert not any(" DEBUG: " in line for line in quiet.stderr), quiet.output()
+    attempts = [line for line in chatty.stderr if " DEBUG: source unavailable: no such device /dev/video61" in line]
+    assert len(attempts) >= 4, chatty.output()
+
+
 # --- packaging: clients use the public API, load on demand, and install cleanly -------------------
 
 PUBLIC_MODULES = {"framebroker", "framebroker.arguments", "framebroker.testpattern"}
