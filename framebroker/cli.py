@@ -134,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="self-check: do frames flow from a source or stream? fps, frame age, a snapshot",
+        help="self-check: do frames flow from a source or stream? fps, frame age (and a snapshot with -o)",
         description=(
             "Open SOURCE directly (test://, a file, /dev/video0, csi://0, rtsp://..., as framebroker serve would; "
             "the camera must be free) or attach to the stream NAME a daemon serves, measure resolution, real fps "
-            "against the configured rate, frame age and dropped frames for a few seconds, save one snapshot and "
-            "print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
+            "against the configured rate, frame age and dropped frames for a few seconds, save the last frame "
+            "with -o FILE, and print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
         ),
     )
     check.add_argument("target", metavar="SOURCE|NAME", help="a source URI or path, or the name of a served stream")
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--timeout", type=float_in(0, 3600, "--timeout"), default=10.0, help="fail if no frame arrives within this many seconds (default 10)"
     )
-    check.add_argument("-o", "--output", metavar="FILE", help="snapshot file, .jpg or .png (default: a new file in the temp directory)")
+    check.add_argument("-o", "--output", metavar="FILE", help="save the last frame checked to FILE, .jpg or .png (default: no snapshot)")
     add_geometry_options(check)
     check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A restarted daemon reclaims its own stream by itself; this is for streams that will not come back.",
     )
     clean.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
+    clean.add_argument("--dry-run", action="store_true", help="say what would be removed and why; remove nothing")
 
     demo = commands.add_parser(
         "demo",
@@ -292,7 +293,7 @@ def _exit_on_sigterm() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._check import CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, summarize
+    from ._check import CheckFailed, check_source, check_stream, resolve_target, summarize
     from ._images import IMAGE_EXTENSIONS, save_image
 
     if args.output and not args.output.lower().endswith(IMAGE_EXTENSIONS):
@@ -332,12 +333,13 @@ def _check(args: argparse.Namespace) -> int:
         say(f"FAIL: {exc}{_busy_hint(args.target)}")
         return EXIT_FAILURE
     snapshot_error = ""
-    snapshot: "str | None" = args.output or default_snapshot_path(report.label)
-    try:
-        save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
-    except (OSError, ValueError) as exc:
-        snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
-        snapshot = None
+    snapshot: "str | None" = args.output
+    if snapshot is not None:
+        try:
+            save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
+            snapshot = None
     flowing, warnings = summarize(report, snapshot, say=say)
     for warning in warnings:
         say(f"  warning: {warning}")
@@ -383,28 +385,55 @@ def _trigger(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from ._errors import IncompatibleSegment, StreamBusy
-    from ._segment import list_stream_names, remove_stale
+    from ._segment import list_stream_names
 
     names = [args.name] if args.name else list_stream_names()
+    clean_one = _would_clean if args.dry_run else _clean_stream
     failed = False
     for name in names:
-        try:
-            header = remove_stale(name)
-        except StreamBusy as exc:
-            print(f"{name}: live (daemon pid {exc.pid}), left alone")
-            continue
-        except (IncompatibleSegment, OSError) as exc:
-            print(f"{name}: left alone: {exc}")
-            failed = True
-            continue
-        if header is None:
-            print(f"{name}: nothing to remove")
-        else:
-            print(f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)")
+        line, ok = clean_one(name)
+        print(line)
+        failed = failed or not ok
     if not names:
         print("nothing to clean")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _clean_stream(name: str) -> tuple[str, bool]:
+    """Remove what a dead daemon left under ``name``: (what happened, False if refused)."""
+    from ._errors import IncompatibleSegment, StreamBusy
+    from ._segment import remove_stale
+
+    try:
+        header = remove_stale(name)
+    except StreamBusy as exc:
+        return f"{name}: live (daemon pid {exc.pid}), left alone", True
+    except (IncompatibleSegment, OSError) as exc:
+        return f"{name}: left alone: {exc}", False
+    if header is None:
+        return f"{name}: nothing to remove", True
+    return f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)", True
+
+
+def _would_clean(name: str) -> tuple[str, bool]:
+    """What ``clean`` would do with ``name``, judged the way ``status`` judges it (reading only)."""
+    from ._layout import SHM_DIR, segment_path, semaphore_file_prefix
+    from ._status import describe_stream
+
+    stream = describe_stream(name)
+    if stream["state"] == "absent":
+        return f"{name}: nothing to remove", True
+    if "error" in stream:
+        return f"{name}: would be left alone: {stream['error']}", False
+    if stream["alive"]:
+        return f"{name}: live (daemon pid {stream['pid']}), would be left alone", True
+    prefix = semaphore_file_prefix(name)
+    semaphores = sum(entry.startswith(prefix) for entry in os.listdir(SHM_DIR))
+    return (
+        f"{name}: would remove {segment_path(name)} and {semaphores} semaphore(s) {SHM_DIR}/{prefix}* "
+        f"(its daemon, pid {stream['pid']}, is gone)",
+        True,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -46,19 +46,28 @@ def test_check_a_source_directly(env, tmp_path):
     assert 15 <= fps <= 25
 
 
-def test_check_a_live_stream(env):
+def test_check_a_live_stream(env, tmp_path):
     daemon, name = env.serve("test://", None, "--fps", "15")
-    result = env.run_cli("check", name, "--seconds", "1")
+    out = tmp_path / "last.jpg"
+    result = env.run_cli("check", name, "--seconds", "1", "-o", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     text = result.stdout
     assert f"checking stream {name} (served by pid {daemon.pid} from test://), attached as a reader" in text
     assert re.search(r"640x480 bgr; \d+ frames in [\d.]+ s: [\d.]+ fps measured, 15 configured", text), text
-    snapshot = snapshot_in(text)
-    try:
-        assert_test_picture(snapshot)
-    finally:
-        os.unlink(snapshot)
+    assert snapshot_in(text) == str(out)
+    assert_test_picture(str(out))
     assert text.strip().splitlines()[-1].startswith(f"OK: frames flow from stream {name}: 640x480 at ")
+
+
+def test_check_writes_no_file_unless_asked(env, tmp_path):
+    daemon, name = env.serve("test://", None, "--fps", "15")
+    # The temporary directory is where a snapshot nobody asked for used to land.
+    environment = dict(os.environ, TMPDIR=str(tmp_path))
+    for target in (name, "test://"):
+        result = env.run_cli("check", target, "--seconds", "0.5", env=environment, cwd=str(tmp_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "snapshot" not in result.stdout, result.stdout
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(

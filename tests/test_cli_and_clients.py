@@ -104,7 +104,22 @@ def test_clean_removes_only_what_dead_daemons_left(env):
         handle.write(b"someone else's data")
     try:
         # One name at a time (a bare `framebroker clean` sweeps every stream on the machine,
-        # including other test runs' deliberately stale ones).
+        # including other test runs' deliberately stale ones). --dry-run first: it removes nothing.
+        left = shm_objects(dead_name)
+        semaphores = len([obj for obj in left if obj.startswith("sem.")])
+        result = env.run_cli("clean", dead_name, "--dry-run")
+        assert result.stdout == (
+            f"{dead_name}: would remove /dev/shm/framebroker.{dead_name} and {semaphores} semaphore(s) "
+            f"/dev/shm/sem.framebroker.{dead_name}@* (its daemon, pid {dead.pid}, is gone)\n"
+        ), result.stdout
+        assert result.returncode == 0 and semaphores > 0
+        result = env.run_cli("clean", live_name, "--dry-run")
+        assert result.stdout == f"{live_name}: live (daemon pid {live.pid}), would be left alone\n"
+        result = env.run_cli("clean", foreign, "--dry-run")
+        assert result.stdout.startswith(f"{foreign}: would be left alone: ") and "not a framebroker ring" in result.stdout
+        assert result.returncode == 1
+        assert shm_objects(dead_name) == left
+
         result = env.run_cli("clean", dead_name)
         assert result.stdout == f"{dead_name}: removed (its daemon, pid {dead.pid}, is gone)\n" and result.returncode == 0
         result = env.run_cli("clean", live_name)
@@ -131,6 +146,17 @@ def test_log_level_is_accepted_before_and_after_the_command(env, where):
     assert result.returncode == 1 and "nothing serves it" in result.stderr, result.stderr
     result = env.run_cli("status", name, "--log-level", "debug")
     assert result.returncode == 1 and "nothing serves it" in result.stdout, result.stdout + result.stderr
+
+
+def test_an_unknown_stream_name_gets_the_served_ones_and_the_closest(env):
+    daemon, name = env.serve("test://", None, "--fps", "5")
+    typo = name[:-1] + "x"
+    for args, stream in ((["status", typo], "stdout"), (["snapshot", typo, "-o", "never.jpg"], "stderr")):
+        result = env.run_cli(*args)
+        text = getattr(result, stream)
+        assert result.returncode == 1, text
+        # Other streams may be served on this machine meanwhile: the closest is still ours.
+        assert re.search(rf"Served now: .+\. Did you mean '{re.escape(name)}'\?", text), text
 
 
 # --- waiting: the daemon for its camera, a client for its stream --------------------------------
