@@ -19,6 +19,7 @@ from framebroker._status import describe_stream
 from conftest import shm_objects, wait_until
 
 REPOSITORY = Path(__file__).resolve().parent.parent
+RAW_NUMBER = re.compile(r"\d{10,}")  # a capture time in ns (or any number that long): not for people
 
 
 def test_three_consumers_on_one_stream_at_once(env):
@@ -29,11 +30,15 @@ def test_three_consumers_on_one_stream_at_once(env):
     wait_until(lambda: len(describe_stream(name)["readers"]) == 3, 20, "three readers attached at once")
     for proc in (faces, motion, reader):
         assert proc.wait(timeout=60) == 0, proc.output()
-    assert any(re.search(r"faces: seq=\d+ t=\d+", line) for line in faces.stdout), faces.output()
-    assert any(re.search(r"motion: seq=\d+ t=\d+ \d+ moving region", line) for line in motion.stdout), motion.output()
-    frame_lines = [line for line in reader.stdout if re.match(r"read: seq=\d+ t=\d+ 640x480", line)]
+    summary = r"faces: analysed \d+ frames/s, no face \(the test pattern has none\); result \d+ ms after capture"
+    assert any(re.fullmatch(summary, line) for line in faces.stdout), faces.output()
+    moving = r"motion: frame \d+: \d+ moving regions?, largest \d+x\d+ at \(\d+, \d+\); result \d+ ms after capture"
+    assert any(re.fullmatch(moving, line) for line in motion.stdout), motion.output()
+    frame_lines = [line for line in reader.stdout if re.fullmatch(r"read: frame \d+: 640x480 bgr, [\d.]+ ms old", line)]
     assert len(frame_lines) == 90
     assert "0 bad" in reader.stdout[-1]
+    for proc in (faces, motion, reader):
+        assert not any(RAW_NUMBER.search(line) for line in proc.stdout), proc.output()
 
 
 def test_demo_runs_and_ends_cleanly(env):
@@ -44,9 +49,23 @@ def test_demo_runs_and_ends_cleanly(env):
     assert f"stream {name}: streaming" in out
     for label in ("faces", "motion", "reader"):
         assert re.search(rf"^\s+\d+\s+{label}\s", out, re.M), f"{label} missing from the status summary\n{out}"
-    assert "[faces] faces: seq=" in out and "[motion] motion: seq=" in out and "[read] read: seq=" in out
+    assert re.search(r"^\[faces\]  analysed \d+ frames/s, no face \(the test pattern has none\)", out, re.M), out
+    assert re.search(r"^\[motion\] frame \d+: \d+ moving region", out, re.M), out
+    assert re.search(r"^\[read\]   [\d.]+ frames/s, frame age \d+ ms, lag \d+, .*, 0 bad$", out, re.M), out
+    # Read at a glance: nothing wraps on a 100-column terminal, no raw nanosecond timestamps.
+    too_long = [line for line in out.splitlines() if len(line) > 100]
+    assert not too_long, "\n".join(too_long)
+    assert not RAW_NUMBER.search(out), out
     assert "/dev/shm is clean" in out
     assert shm_objects(name) == []
+
+
+def test_read_reports_no_skipped_frame_on_start(env):
+    daemon, name = env.serve("test://", None, "--fps", "30")
+    for _ in range(3):
+        reader = env.cli("read", name, "--frames", "20")
+        assert reader.wait(timeout=30) == 0, reader.output()
+        assert reader.stdout[-1] == "read: done after 20 frames, none skipped, 0 bad", reader.output()
 
 
 def test_status_of_a_missing_stream_exits_1(env):
@@ -178,6 +197,40 @@ def test_a_missing_camera_is_announced_once_and_retried_quietly(env):
     assert not any(" DEBUG: " in line for line in quiet.stderr), quiet.output()
     attempts = [line for line in chatty.stderr if " DEBUG: source unavailable: no such device /dev/video61" in line]
     assert len(attempts) >= 4, chatty.output()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["read", "--frames", "5"],
+        ["faces", "--frames", "5"],
+        ["motion", "--frames", "5"],
+        ["snapshot", "-o", "{tmp}/now.jpg"],
+        ["record", "-o", "{tmp}/rec.ts", "--duration", "1"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_a_client_says_once_that_it_waits_for_the_stream(env, tmp_path, command):
+    name = env.name()
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+    client = env.cli(args[0], name, *args[1:], "--wait", "60")
+    announced = f"{args[0]}: waiting up to 60 s for stream {name!r} to appear (no stream {name!r}: nothing serves it"
+    client.wait_line(lambda line: line.startswith(announced), timeout=20)
+    env.serve("test://", name, "--fps", "15")
+    assert client.wait(timeout=60) == 0, client.output()
+    assert sum("waiting up to" in line for line in client.stderr) == 1, client.output()
+
+
+def test_a_client_gives_up_after_wait_seconds(env):
+    name = env.name()
+    started = time.monotonic()
+    result = env.run_cli("read", name, "--wait", "0.5")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert time.monotonic() - started >= 0.5
+    assert f"read: waiting up to 0.5 s for stream {name!r} to appear" in result.stderr
+    assert f"framebroker read: error: waited 0.5 s in vain: no stream {name!r}: nothing serves it" in result.stderr
+    result = env.run_cli("snapshot", name, "-o", "never.jpg")  # snapshot's default: no waiting
+    assert result.returncode == 1 and "waiting" not in result.stderr, result.stderr
 
 
 # --- packaging: clients use the public API, load on demand, and install cleanly -------------------
