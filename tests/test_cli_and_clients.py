@@ -315,3 +315,24 @@ def test_a_fresh_install_runs_every_command(env, tmp_path, how):
     for label in ("[faces]", "[motion]", "[read]"):
         assert re.search(rf"^{re.escape(label)} ", demo.stdout, re.M), demo.stdout
     assert "/dev/shm is clean" in demo.stdout
+
+
+def test_without_the_clients_package_the_command_says_so():
+    # What a bare source checkout gives: framebroker importable, framebroker_clients not.
+    hide_clients = (
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'framebroker_clients':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        "from framebroker.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    command = [sys.executable, "-c", hide_clients]
+    listing = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "record" in listing.stdout, listing.stderr
+    result = subprocess.run([*command, "read", "cam0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "the client commands come from the framebroker_clients package" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
