@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,6 +284,14 @@ def test_help_imports_no_client_and_a_command_help_shows_its_options(env):
 def test_a_fresh_install_runs_every_command(env, tmp_path, how):
     """`pip install .` and `pip install -e .` into a new venv: the clients are found from any
     directory, the checkout's own folder included, and the demo's children start."""
+    # A copy of what the build reads, so its build/ and egg-info stay out of the repository.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for entry in REPOSITORY.iterdir():
+        if entry.is_file():
+            shutil.copy2(entry, checkout)
+    for package in ("framebroker", "clients"):
+        shutil.copytree(REPOSITORY / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
@@ -293,7 +302,7 @@ def test_a_fresh_install_runs_every_command(env, tmp_path, how):
     ).stdout.strip()
     ours = [path for path in sys.path if path.endswith(("site-packages", "dist-packages"))]
     Path(site, "dependencies.pth").write_text("\n".join(ours) + "\n")
-    target = ["-e", str(REPOSITORY)] if how == "editable" else [str(REPOSITORY)]
+    target = ["-e", str(checkout)] if how == "editable" else [str(checkout)]
     install = subprocess.run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", *target],
         capture_output=True,
@@ -302,7 +311,7 @@ def test_a_fresh_install_runs_every_command(env, tmp_path, how):
     )
     assert install.returncode == 0, install.stdout + install.stderr
     framebroker = str(venv / "bin" / "framebroker")
-    for cwd in (str(tmp_path), str(REPOSITORY)):
+    for cwd in (str(tmp_path), str(checkout)):
         for argv in ([framebroker, "record", "--help"], [python, "-m", "framebroker", "record", "--help"]):
             result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0 and "--segment S" in result.stdout, f"{argv} in {cwd}\n{result.stderr}"
