@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
+import sys
 import time
 from types import FrameType
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import framebroker as fb
+from framebroker.arguments import float_in
 
 
 def exit_on_sigterm() -> None:
@@ -40,6 +43,42 @@ class Every:
 
 def say(text: str) -> None:
     print(text, flush=True)
+
+
+def note(text: str) -> None:
+    """A remark about the circumstances (waiting for the stream): stderr, so that stdout holds
+    only what the client found."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def add_wait_option(parser: argparse.ArgumentParser, default: float) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float_in(0, 1e6, "--wait", low_inclusive=True),
+        default=default,
+        metavar="S",
+        help=f"wait up to S seconds for the stream to appear (default {default:g}; 0: fail at once if it is not served)",
+    )
+
+
+def open_reader(stream: str, reader_name: str, wait: float, label: str, **options: Any) -> fb.Reader:
+    """Attach to ``stream``; if nothing serves it yet, say once what is waited for and how long."""
+    try:
+        return fb.Reader(stream, name=reader_name, **options)
+    except fb.StreamNotFound as exc:
+        if wait <= 0:
+            raise
+        note(f"{label}: waiting up to {wait:g} s for stream {stream!r} to appear ({exc})")
+    try:
+        return fb.Reader(stream, name=reader_name, wait=wait, **options)
+    except fb.StreamNotFound as exc:
+        raise fb.StreamNotFound(f"waited {wait:g} s in vain: {exc}") from None
+
+
+def age_ms(timestamp_ns: int) -> float:
+    """Milliseconds since a frame's capture time (``frame.timestamp_ns``, CLOCK_MONOTONIC like
+    ``time.monotonic_ns()``)."""
+    return (time.monotonic_ns() - timestamp_ns) / 1e6
 
 
 def fresh_frames(cam: fb.Reader, label: str, timeout: float = 2.0) -> Iterator[fb.Frame]:

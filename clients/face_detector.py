@@ -1,8 +1,9 @@
 """Example ML consumer: finds faces with the Haar cascade OpenCV ships (no download).
 
 Reads the freshest frame each time it is ready for one (``for frame in reader``), so a slow
-detector never falls behind the camera: it skips frames instead. Prints every detection with
-the frame's seq and capture timestamp, and a summary line once a second.
+detector never falls behind the camera: it skips frames instead. Prints a line when the number
+of faces in view changes (with the frame's number and the boxes), and once a second what it
+analysed: frames per second, how many had faces, and how old a frame is when its result is ready.
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import time
 
 import framebroker as fb
 
-from ._common import Every, exit_on_sigterm, fresh_frames, say
+from ._common import Every, add_wait_option, age_ms, exit_on_sigterm, fresh_frames, open_reader, say
+
+BOXES_SHOWN = 3  # a line lists at most this many faces, so it stays readable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="stream to read")
     parser.add_argument("--frames", type=int, default=0, help="stop after this many frames (default: run until the stream ends)")
     parser.add_argument("--reader-name", default="faces", help="name shown by framebroker status")
+    add_wait_option(parser, 10.0)
+
+
+def _serves_test_pattern(stream: str) -> bool:
+    streams = fb.status(stream)["streams"]
+    return bool(streams) and streams[0].get("source") == "test://"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -31,22 +40,39 @@ def main(args: argparse.Namespace) -> int:
         raise fb.FrameBrokerError(f"could not load the face cascade {cascade_path}: reinstall opencv-python")
     summary = Every(1.0)
     processed = 0
-    started = time.monotonic()
-    with fb.Reader(args.name, name=args.reader_name, wait=10.0) as cam:
+    window_start, window_frames, window_with_faces = time.monotonic(), 0, 0
+    in_view = 0
+    with open_reader(args.name, args.reader_name, args.wait, "faces") as cam:
+        # Said, not guessed: a face detector that finds nothing on a test pattern is working.
+        nothing_to_find = " (the test pattern has none)" if _serves_test_pattern(args.name) else ""
         say(f"faces: reading stream {args.name!r}")
         for frame in fresh_frames(cam, "faces"):
             with frame:
                 image = frame.array
                 gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
                 faces = cascade.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=5, minSize=(24, 24))
-                seq, stamp = frame.seq, frame.timestamp_ns
+                seq, latency_ms = frame.seq, age_ms(frame.timestamp_ns)
             processed += 1
+            window_frames += 1
             if len(faces):
-                boxes = " ".join(f"[x={x} y={y} w={w} h={h}]" for x, y, w, h in faces)
-                say(f"faces: seq={seq} t={stamp} found {len(faces)} face(s) {boxes}")
+                window_with_faces += 1
+            if len(faces) != in_view:
+                if len(faces):
+                    boxes = " ".join(f"[x={x} y={y} w={w} h={h}]" for x, y, w, h in faces[:BOXES_SHOWN])
+                    more = f" and {len(faces) - BOXES_SHOWN} more" if len(faces) > BOXES_SHOWN else ""
+                    say(f"faces: frame {seq}: {len(faces)} face{'s' if len(faces) > 1 else ''} {boxes}{more}")
+                else:
+                    say(f"faces: frame {seq}: no face any more")
+                in_view = len(faces)
             if summary():
-                rate = processed / (time.monotonic() - started)
-                say(f"faces: seq={seq} t={stamp} {len(faces)} face(s); {processed} frames analysed ({rate:.1f}/s)")
+                now = time.monotonic()
+                rate = window_frames / (now - window_start)
+                if window_with_faces:
+                    found = f"faces in {window_with_faces} of {window_frames}"
+                else:
+                    found = f"no face{nothing_to_find}"
+                say(f"faces: analysed {rate:.0f} frames/s, {found}; result {latency_ms:.0f} ms after capture")
+                window_start, window_frames, window_with_faces = now, 0, 0
             if args.frames and processed >= args.frames:
                 say(f"faces: done after {processed} frames")
                 return 0

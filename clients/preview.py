@@ -28,7 +28,7 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import framebroker as fb
-from framebroker.cli import float_in, int_in, stream_name
+from framebroker.arguments import float_in, int_in, stream_name
 
 from . import _prometheus
 from ._common import exit_on_sigterm, say

@@ -3,15 +3,14 @@
 It checks either a SOURCE, opened directly with the daemon's own source code (so it needs the
 camera to be free), or a NAME, the stream a running daemon serves (attached to as a reader).
 Over a few seconds it measures resolution, real frame rate against the configured one, frame
-age (capture to arrival) and dropped frames, saves one snapshot, and prints a verdict: exit 0
-only if frames flow, 1 with the reason otherwise.
+age (capture to arrival) and dropped frames, saves the last frame if asked (``-o``), and prints a
+verdict: exit 0 only if frames flow, 1 with the reason otherwise.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -321,12 +320,4 @@ def summarize(report: Report, snapshot: Optional[str], say: Callable[[str], None
     return count > 0, warnings
 
 
-def default_snapshot_path(label: str) -> str:
-    """A fresh file in the temp directory (never an existing one: no clobbering, no symlink race)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label).strip("-")[:40] or "frame"
-    handle, path = tempfile.mkstemp(prefix=f"framebroker-check-{safe}-", suffix=".jpg")
-    os.close(handle)
-    return path
-
-
-__all__ = ["CheckFailed", "Report", "Target", "check_source", "check_stream", "default_snapshot_path", "resolve_target", "summarize"]
+__all__ = ["CheckFailed", "Report", "Target", "check_source", "check_stream", "resolve_target", "summarize"]

@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple
 from ._errors import FrameBrokerError, SourceEnded
 from ._layout import RingLayout
 from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
+from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
 from .sources import GeometryChanged, Source, make_source, parse_source
@@ -103,18 +104,20 @@ class Daemon:
         Whatever the source raises, the daemon stays up: a ``SourceError`` is the source saying
         what is wrong (unplugged, server gone); anything else (``cv2.error``, ``OSError``, a bug)
         is logged with its traceback and counted (``source_errors`` in status), then handled the
-        same way (as is a ``ShmSpaceError`` when the source grew and ``/dev/shm`` is full). Only ``SourceEnded`` (a finite file) and the stop signal end the loop. The first
-        failure in a row is logged as a warning saying that it retries; the following attempts
-        only at debug level (status shows each one), so a camera that is plugged in an hour
-        later does not flood the log.
+        same way (as is a ``ShmSpaceError`` when the source grew and ``/dev/shm`` is full). Only
+        ``SourceEnded`` (a finite file) and the stop signal end the loop. ``RetryLog`` says once
+        that it retries and logs the following attempts at debug level (status shows each one),
+        so a camera that is plugged in an hour later does not flood the log.
         """
         source = self.source
         backoff = BACKOFF_FIRST
         failures = 0  # in a row, since frames last flowed
+        retry_log = RetryLog(log, self.spec.display, BACKOFF_MAX)
         while not self.stop.is_set():
             self._published_since_open = False
             try:
                 source.open()
+                retry_log.opened()
                 log.info(
                     "source open: %dx%d %s at %s fps",
                     source.shape[1],
@@ -141,18 +144,8 @@ class Daemon:
                     failures, backoff = 0, BACKOFF_FIRST
                 failures += 1
                 what = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+                retry_log.failed(what, failures, backoff)
                 reason = f"{what} (attempt {failures}, next in {backoff:.1f} s)"
-                if failures == 1:
-                    log.warning(
-                        "source %s: %s; retrying with backoff (%.1f s doubling to %.0f s); "
-                        "framebroker status shows each attempt",
-                        "failed" if self._published_since_open or publisher.seq else "unavailable",
-                        what,
-                        BACKOFF_FIRST,
-                        BACKOFF_MAX,
-                    )
-                else:
-                    log.debug("source still unavailable: %s", reason)
                 publisher.set_state("reconnecting" if publisher.seq or failures > 1 else "starting", reason)
                 if self.stop.wait(backoff):
                     break

@@ -2,13 +2,17 @@
 
 A daemon on ``test://``, the face detector, the motion detector and a plain reader each run in
 their own process, exactly as a user would start them; their output is shown with a prefix, and
-a status summary is printed every few seconds. Ctrl-C (or ``--duration``) stops the consumers,
-then the daemon, each by pid, and waits for them.
+``framebroker status`` is printed every few seconds. Ctrl-C (or ``--duration``) stops the
+consumers, then the daemon, each by pid, and waits for them.
+
+The output is for a person watching: each line says who speaks once (``[motion] frame 812: ...``,
+the child's own "motion: " dropped) and the daemon's log lines lose their date and logger name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +27,28 @@ from ._status import collect, render_table
 
 SUMMARY_EVERY = 5.0
 STOP_GRACE = 5.0
+LABEL_WIDTH = len("[motion]")
+
+# "2024-05-01 10:17:06,123 framebroker.serve INFO: message", the daemon's log format.
+_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (?P<level>[A-Z]+): (?P<message>.*)")
 
 
-def _pump(prefix: str, stream: IO[bytes], lock: threading.Lock) -> None:
+def _for_a_person(label: str, line: str) -> str:
+    """A child's line as the demo shows it: who speaks once, no date, no logger name."""
+    log_line = _LOG_LINE.fullmatch(line)
+    if log_line is not None:
+        level = log_line.group("level")
+        line = log_line.group("message") if level == "INFO" else f"{level.lower()}: {log_line.group('message')}"
+    elif line.startswith(f"{label}: "):
+        line = line[len(label) + 2 :]
+    return f"{'[' + label + ']':<{LABEL_WIDTH}} {line}"
+
+
+def _pump(label: str, stream: IO[bytes], lock: threading.Lock) -> None:
     for raw in stream:
-        line = raw.decode("utf-8", "replace").rstrip()
+        line = _for_a_person(label, raw.decode("utf-8", "replace").rstrip())
         with lock:
-            sys.stdout.write(f"[{prefix}] {line}\n")
+            sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
 
@@ -77,12 +96,8 @@ def run_demo(name: str, duration: Optional[float]) -> int:
             ("read", start("read", "read", name, "--verify")),
         ]
         with lock:
-            print(
-                f"demo: daemon pid {daemon.pid} serves test:// as stream {name!r}; consumers: "
-                + ", ".join(f"{label} pid {p.pid}" for label, p in consumers)
-                + ". Ctrl-C to stop.",
-                flush=True,
-            )
+            print(f"demo: daemon pid {daemon.pid} serves test:// (640x480, 30 fps) as stream {name!r}", flush=True)
+            print("demo: consumers " + ", ".join(f"{label} pid {p.pid}" for label, p in consumers) + "; Ctrl-C stops all", flush=True)
         started = time.monotonic()
         next_summary = started + 2.0
         while not stopping.is_set():
@@ -95,7 +110,7 @@ def run_demo(name: str, duration: Optional[float]) -> int:
                 next_summary += SUMMARY_EVERY
                 table = render_table(collect(name))
                 with lock:
-                    sys.stdout.write("\n" + table + "\n")
+                    sys.stdout.write(f"\n--- framebroker status {name}\n{table}\n")
                     sys.stdout.flush()
             stopping.wait(0.2)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ the stream's name that is not a ring we made.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import grp
 import mmap
@@ -528,7 +529,7 @@ def open_segment(stream: str, *, for_status: bool = False) -> Segment:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise StreamNotFound(
-            f"no stream {stream!r}: nothing serves it ({path} does not exist). "
+            f"no stream {stream!r}: nothing serves it ({path} does not exist).{served_streams_hint(stream)} "
             f"Start one with: framebroker serve SOURCE --name {stream}"
         ) from None
     except PermissionError:
@@ -563,3 +564,24 @@ def list_stream_names() -> list[str]:
         if entry.startswith(SEGMENT_PREFIX) and OBJECT_SEPARATOR not in entry:
             names.append(entry[len(SEGMENT_PREFIX) :])
     return sorted(names)
+
+
+def served_streams_hint(missing: str, shown: int = 10) -> str:
+    """For "no stream" messages: the streams a live daemon serves, and the closest to ``missing``
+    (" Served now: cam0, door. Did you mean 'cam0'?"), or "" when none is served."""
+    served = []
+    for name in list_stream_names():
+        try:
+            fd = os.open(segment_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # gone meanwhile, or another user's private stream: nothing to offer
+            continue
+        try:
+            if ByteLocks(fd).held_by_other(LOCK_OWNER):
+                served.append(name)
+        finally:
+            os.close(fd)
+    if not served:
+        return ""
+    listed = ", ".join(served[:shown]) + (f" and {len(served) - shown} more" if len(served) > shown else "")
+    closest = difflib.get_close_matches(missing, served, n=1)
+    return f" Served now: {listed}." + (f" Did you mean {closest[0]!r}?" if closest else "")

@@ -1,8 +1,10 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, snapshot, view) live in ``framebroker.clients`` (the repository's ``clients/`` folder) and use
-only the public API; they are imported only when their command runs.
+record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
+``clients/`` folder) and use only the public API. A client module is imported only when its
+command is parsed: ``framebroker --help`` lists every command from ``CLIENT_COMMANDS`` alone,
+and ``framebroker record --help`` imports the recorder to show its options.
 """
 
 from __future__ import annotations
@@ -11,68 +13,78 @@ import argparse
 import importlib
 import json
 import logging
-import math
+import os
 import shutil
 import signal
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from types import ModuleType
+from typing import Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
-from ._layout import MAX_SLOTS, MIN_SLOTS, validate_stream_name
+from ._layout import MAX_SLOTS, MIN_SLOTS
+from .arguments import float_in, int_in, stream_name
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-# command -> (module in framebroker.clients, one-line help)
+CLIENTS_PACKAGE = "framebroker_clients"
+
+# command -> (module in framebroker_clients, one-line help)
 CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
     "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
-    "read": ("plain_reader", "plain reader: prints seq, timestamp, fps and gaps of the frames it gets"),
+    "read": ("plain_reader", "plain reader: prints the frames it gets (rate, frame age, frames skipped)"),
     "record": ("recorder", "recorder: H.264 in MPEG-TS with true timestamps, to a file, segments, UDP or SRT, and event clips"),
     "view": ("preview", "browser preview: live MJPEG picture, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
 }
+
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+LOG_LEVEL_HELP = "log verbosity on stderr (default info); before or after the command's name"
 
 
 class UsageError(Exception):
     """Bad command-line input found after parsing; exits with code 2."""
 
 
-def stream_name(text: str) -> str:
+class ClientsMissing(FrameBrokerError):
+    """The client commands' package is not installed (a bare source checkout)."""
+
+
+def load_client(module: str) -> ModuleType:
+    """Import ``framebroker_clients.<module>``; ClientsMissing if the package is not installed."""
     try:
-        return validate_stream_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        return importlib.import_module(f"{CLIENTS_PACKAGE}.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != CLIENTS_PACKAGE:
+            raise
+        raise ClientsMissing(
+            f"the client commands come from the {CLIENTS_PACKAGE} package (the repository's clients/ folder), "
+            "which is not installed: install framebroker with pip install . (or pip install -e . in a checkout)"
+        ) from None
 
 
-def int_in(low: int, high: int, what: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be between {low} and {high}, got {value}")
-        return value
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. A client command's options come from its module, imported only when
+    this parser runs (``--help`` included); ``--log-level`` is added last, after them."""
 
-    return parse
+    def __init__(self, *args: Any, client: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client = client
+        self._complete = False
 
-
-def float_in(low: float, high: float, what: str, *, low_inclusive: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        too_low = value < low if low_inclusive else value <= low
-        if not math.isfinite(value) or too_low or value > high:
-            bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
-            raise argparse.ArgumentTypeError(f"{what} must be {bound} and <= {high:g}, got {text}")
-        return value
-
-    return parse
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if not self._complete:
+            if self._client:
+                load_client(self._client).add_arguments(self)
+                self.set_defaults(client_module=self._client)
+            # After the command's name too, where it wins over one before it. SUPPRESS: when
+            # absent here, the value from before the name (or its default) stays.
+            self.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
+            self._complete = True
+        return super().parse_known_args(args, namespace)
 
 
 def add_geometry_options(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 runtime failure, 2 usage error. Python API: import framebroker as fb.",
     )
     parser.add_argument("--version", action="version", version=f"framebroker {_version()}")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log verbosity (stderr)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     commands.required = True
 
     serve = commands.add_parser(
@@ -98,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
             "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
-            "or gst://PIPELINE. A failing source is retried with backoff; SIGTERM/SIGINT stop cleanly."
+            "or gst://PIPELINE. A file must exist at start; a camera or server that is not there (yet) or fails is "
+            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly."
         ),
     )
     serve.add_argument("source", metavar="SOURCE", help="camera URI (see above)")
@@ -121,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="self-check: do frames flow from a source or stream? fps, frame age, a snapshot",
+        help="self-check: do frames flow from a source or stream? fps, frame age (and a snapshot with -o)",
         description=(
             "Open SOURCE directly (test://, a file, /dev/video0, csi://0, rtsp://..., as framebroker serve would; "
             "the camera must be free) or attach to the stream NAME a daemon serves, measure resolution, real fps "
-            "against the configured rate, frame age and dropped frames for a few seconds, save one snapshot and "
-            "print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
+            "against the configured rate, frame age and dropped frames for a few seconds, save the last frame "
+            "with -o FILE, and print a verdict. Exit 0 only if frames flow; 1 with the reason otherwise."
         ),
     )
     check.add_argument("target", metavar="SOURCE|NAME", help="a source URI or path, or the name of a served stream")
@@ -134,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--timeout", type=float_in(0, 3600, "--timeout"), default=10.0, help="fail if no frame arrives within this many seconds (default 10)"
     )
-    check.add_argument("-o", "--output", metavar="FILE", help="snapshot file, .jpg or .png (default: a new file in the temp directory)")
+    check.add_argument("-o", "--output", metavar="FILE", help="save the last frame checked to FILE, .jpg or .png (default: no snapshot)")
     add_geometry_options(check)
     check.add_argument("--format", choices=["bgr", "rgb", "gray"], help="pixel format to read a SOURCE in (default bgr)")
 
@@ -163,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A restarted daemon reclaims its own stream by itself; this is for streams that will not come back.",
     )
     clean.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
+    clean.add_argument("--dry-run", action="store_true", help="say what would be removed and why; remove nothing")
 
     demo = commands.add_parser(
         "demo",
@@ -174,10 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
 
     for command, (module, help_text) in CLIENT_COMMANDS.items():
-        sub = commands.add_parser(command, help=help_text, description=help_text)
-        client = importlib.import_module(f"framebroker.clients.{module}")
-        client.add_arguments(sub)
-        sub.set_defaults(client_module=module)
+        commands.add_parser(command, help=help_text, description=help_text, client=module)
     return parser
 
 
@@ -197,6 +208,7 @@ def _configure_logging(level: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from ._daemon import Daemon
+    from .sources._uri import check_file_exists
 
     try:
         daemon = Daemon(
@@ -211,6 +223,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
+    # Cameras and servers are waited for; a file that is not there now is a mistake (exit 1).
+    check_file_exists(daemon.spec)
     daemon.install_signal_handlers()
     return daemon.run()
 
@@ -279,7 +293,7 @@ def _exit_on_sigterm() -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._check import CheckFailed, check_source, check_stream, default_snapshot_path, resolve_target, summarize
+    from ._check import CheckFailed, check_source, check_stream, resolve_target, summarize
     from ._images import IMAGE_EXTENSIONS, save_image
 
     if args.output and not args.output.lower().endswith(IMAGE_EXTENSIONS):
@@ -319,12 +333,13 @@ def _check(args: argparse.Namespace) -> int:
         say(f"FAIL: {exc}{_busy_hint(args.target)}")
         return EXIT_FAILURE
     snapshot_error = ""
-    snapshot: "str | None" = args.output or default_snapshot_path(report.label)
-    try:
-        save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
-    except (OSError, ValueError) as exc:
-        snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
-        snapshot = None
+    snapshot: "str | None" = args.output
+    if snapshot is not None:
+        try:
+            save_image(report.last_image, report.pixel_format, snapshot)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            snapshot_error = f"could not save the snapshot to {snapshot}: {exc}"
+            snapshot = None
     flowing, warnings = summarize(report, snapshot, say=say)
     for warning in warnings:
         say(f"  warning: {warning}")
@@ -370,28 +385,55 @@ def _trigger(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from ._errors import IncompatibleSegment, StreamBusy
-    from ._segment import list_stream_names, remove_stale
+    from ._segment import list_stream_names
 
     names = [args.name] if args.name else list_stream_names()
+    clean_one = _would_clean if args.dry_run else _clean_stream
     failed = False
     for name in names:
-        try:
-            header = remove_stale(name)
-        except StreamBusy as exc:
-            print(f"{name}: live (daemon pid {exc.pid}), left alone")
-            continue
-        except (IncompatibleSegment, OSError) as exc:
-            print(f"{name}: left alone: {exc}")
-            failed = True
-            continue
-        if header is None:
-            print(f"{name}: nothing to remove")
-        else:
-            print(f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)")
+        line, ok = clean_one(name)
+        print(line)
+        failed = failed or not ok
     if not names:
         print("nothing to clean")
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _clean_stream(name: str) -> tuple[str, bool]:
+    """Remove what a dead daemon left under ``name``: (what happened, False if refused)."""
+    from ._errors import IncompatibleSegment, StreamBusy
+    from ._segment import remove_stale
+
+    try:
+        header = remove_stale(name)
+    except StreamBusy as exc:
+        return f"{name}: live (daemon pid {exc.pid}), left alone", True
+    except (IncompatibleSegment, OSError) as exc:
+        return f"{name}: left alone: {exc}", False
+    if header is None:
+        return f"{name}: nothing to remove", True
+    return f"{name}: removed (its daemon, pid {header.owner_pid}, is gone)", True
+
+
+def _would_clean(name: str) -> tuple[str, bool]:
+    """What ``clean`` would do with ``name``, judged the way ``status`` judges it (reading only)."""
+    from ._layout import SHM_DIR, segment_path, semaphore_file_prefix
+    from ._status import describe_stream
+
+    stream = describe_stream(name)
+    if stream["state"] == "absent":
+        return f"{name}: nothing to remove", True
+    if "error" in stream:
+        return f"{name}: would be left alone: {stream['error']}", False
+    if stream["alive"]:
+        return f"{name}: live (daemon pid {stream['pid']}), would be left alone", True
+    prefix = semaphore_file_prefix(name)
+    semaphores = sum(entry.startswith(prefix) for entry in os.listdir(SHM_DIR))
+    return (
+        f"{name}: would remove {segment_path(name)} and {semaphores} semaphore(s) {SHM_DIR}/{prefix}* "
+        f"(its daemon, pid {stream['pid']}, is gone)",
+        True,
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -402,15 +444,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ClientsMissing as exc:
+        print(f"framebroker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     _configure_logging(args.log_level)
     handlers = {"serve": _serve, "status": _status, "check": _check, "demo": _demo, "clean": _clean, "trigger": _trigger}
     try:
         handler = handlers.get(args.command)
         if handler is not None:
             return handler(args)
-        client = importlib.import_module(f"framebroker.clients.{args.client_module}")
-        return int(client.main(args) or 0)
+        return int(load_client(args.client_module).main(args) or 0)
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"framebroker {args.command}: error: {exc}\n")
     except FrameBrokerError as exc:

@@ -67,6 +67,15 @@ CASES = [
     Case("file-unknown-option", ["serve", "file:///v.mp4?speed=2", "--name", "{new}"], message="unknown option 'speed'"),
     Case("gst-empty", ["serve", "gst://", "--name", "{new}"], message="gst:// needs a pipeline"),
     Case("gst-unbalanced-quote", ["serve", "gst://videotestsrc name='x", "--name", "{new}"], message="malformed gst:// pipeline"),
+    # A typo must not start a daemon that retries forever: usage errors, with the closest scheme.
+    Case("scheme-one-slash", ["serve", "test:/", "--name", "{new}"], message="source 'test:/' is not a URI framebroker knows (did you mean test://?)"),
+    Case("scheme-no-slashes", ["serve", "usb:0", "--name", "{new}"], message="(did you mean usb://?)"),
+    Case("scheme-bare-word", ["serve", "test", "--name", "{new}"], message="source 'test' is a scheme without '://' (did you mean test://?)"),
+    Case("scheme-misspelt", ["serve", "tset://", "--name", "{new}"], message="unknown source scheme 'tset://' (did you mean test://?)"),
+    # ... and a file that is not there at start is an error (a camera or server is waited for).
+    Case("file-missing", ["serve", "/nonexistent/clip.mp4", "--name", "{new}"], exit=1, message="file not found: /nonexistent/clip.mp4"),
+    Case("file-missing-relative", ["serve", "no-such-clip.mp4", "--name", "{new}"], exit=1, message="file not found: no-such-clip.mp4 in /"),
+    Case("file-is-a-directory", ["serve", "/", "--name", "{new}"], exit=1, message="/ is a directory, not a video file"),
     # --- stream names ------------------------------------------------------------------------------
     Case("name-slash", ["serve", "test://", "--name", "a/b"], message="invalid stream name 'a/b'"),
     Case("name-dotdot", ["serve", "test://", "--name", ".."], message="invalid stream name '..'"),

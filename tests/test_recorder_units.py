@@ -18,9 +18,9 @@ from conftest import wait_until
 
 av = pytest.importorskip("av")
 
-from framebroker.clients.recorder import outputs, packets, recorder, selection  # noqa: E402
-from framebroker.clients.recorder.encoders import AUTO_ORDER, ENCODERS, Encoder, EncoderSettings, EncoderSpec  # noqa: E402
-from framebroker.clients.recorder.packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo  # noqa: E402
+from framebroker_clients.recorder import outputs, packets, recorder, selection  # noqa: E402
+from framebroker_clients.recorder.encoders import AUTO_ORDER, ENCODERS, Encoder, EncoderSettings, EncoderSpec  # noqa: E402
+from framebroker_clients.recorder.packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo  # noqa: E402
 
 SHAPE = (240, 320, 3)
 INFO = StreamInfo("cam", 320, 240, 30.0, "fake", False)

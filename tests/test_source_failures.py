@@ -55,11 +55,11 @@ def test_rtsp_server_restart_at_another_resolution(env):
 
 
 def test_missing_device_is_retried_with_backoff(env):
-    daemon, name = env.serve("/dev/video93", wait=False)
+    daemon, name = env.serve("/dev/video93", None, "--log-level", "debug", wait=False)  # a line per attempt
     daemon.wait_line(lambda line: "attempt 4" in line, timeout=30)
     attempts = []
     for line in daemon.stderr:
-        match = re.match(r"(\S+ \S+) framebroker.serve WARNING: source unavailable: .*attempt (\d+), next in ([\d.]+) s", line)
+        match = re.match(r"(\S+ \S+) framebroker.serve DEBUG: source unavailable: .*attempt (\d+), next in ([\d.]+) s", line)
         if match:
             stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
             attempts.append((stamp, int(match.group(2)), float(match.group(3))))

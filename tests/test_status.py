@@ -84,19 +84,18 @@ def test_fast_slow_and_killed_readers_and_a_killed_daemon(env):
     wait_until(lambda: set(readers_by_name(status_json(env, name))) == {"fast", "sampler"}, 15, "readers to re-attach")
 
 
-def test_reconnecting_shows_why_in_table_and_json(env, tmp_path):
-    missing = tmp_path / "not-there.mp4"
-    daemon, name = env.serve(str(missing), None, "--fps", "12", wait=False)
+def test_reconnecting_shows_why_in_table_and_json(env):
+    daemon, name = env.serve("/dev/video94", None, "--fps", "12", wait=False)  # a camera not plugged in
     stream = wait_until(
         lambda: (s := status_json(env, name)).get("state") == "reconnecting" and s,
         20,
-        "the daemon to retry the missing file",
+        "the daemon to retry the missing camera",
     )
-    assert f"file not found: {missing}" in stream["reason"]
+    assert "no such device /dev/video94" in stream["reason"]
     assert stream["alive"] is True and stream["configured_fps"] == 12 and stream["measured_fps"] == 0
     table = env.run_cli("status", name).stdout
     assert f"stream {name}: reconnecting for " in table
-    assert f"file not found: {missing}" in table and "12 configured" in table
+    assert "no such device /dev/video94" in table and "12 configured" in table
 
 
 def test_watch_redraws_in_place_on_a_terminal_and_appends_otherwise(env):

@@ -32,8 +32,9 @@ from types import FrameType
 from typing import Optional
 
 import framebroker as fb
-from framebroker.cli import float_in, int_in
+from framebroker.arguments import float_in, int_in
 
+from .._common import add_wait_option, open_reader
 from .clips import PreRollOutput
 from .encoders import ENCODERS
 from .outputs import FileOutput, Output, SegmentedOutput, make_output, segment_stamp
@@ -85,13 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frames buffered in front of the encoder; beyond that frames are dropped and counted "
         "(default: 0.4 s of frames, at most 30)",
     )
-    parser.add_argument(
-        "--wait",
-        type=float_in(0, 1e6, "--wait", low_inclusive=True),
-        default=10.0,
-        metavar="S",
-        help="wait up to S seconds for the stream to appear (default 10)",
-    )
+    add_wait_option(parser, 10.0)
     parser.add_argument(
         "--clips",
         metavar="DIR",
@@ -225,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     )
     label = " + ".join(output.describe() for output in outputs)
     # Attach first: a stream that does not exist is reported before encoders are probed.
-    reader = fb.Reader(args.name, name=args.reader_name, wait=args.wait)
+    reader = open_reader(args.name, args.reader_name, args.wait, "record")
     inbox: Optional[fb.TriggerInbox] = None
     try:
         spec = select_encoder(args.encoder).spec

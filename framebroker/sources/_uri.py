@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
+from .._errors import SourceError
+
 SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://")
+_SCHEME_NAMES = tuple(scheme[: -len("://")] for scheme in SCHEMES)
+# "word:" at the start, and the slashes after it: how a URI with a mistyped scheme begins.
+_SCHEME_LIKE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<slashes>/*)")
 _HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path or gst://PIPELINE"
 
 # Query options each kind understands. RTSP URLs may carry the camera's own query parameters,
@@ -119,15 +125,66 @@ def parse_source(uri: object) -> SourceSpec:
         if not path:
             raise ValueError(f"file:// needs a path, e.g. file:///home/me/video.mp4, got {text!r}")
         return SourceSpec("file", path, _options("file", query, text), display=text)
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
-        scheme = text.split("://", 1)[0]
-        raise ValueError(f"unknown source scheme {scheme + '://'!r} in {redact(text)!r}: {_HELP}")
+    _refuse_mistyped_uri(text)
     if text.startswith("/dev/"):
         path, _, query = text.partition("?")
         return SourceSpec("v4l2", os.path.normpath(path), _options("v4l2", query, text), display=text)
     path, sep, query = text.partition("?")
     options = _options("file", query, text) if sep else {}
     return SourceSpec("file", path, options, display=text)
+
+
+def _did_you_mean(word: str) -> str:
+    """" (did you mean test://?)" for a word close to one of our scheme names, else ""."""
+    # 0.7: "tset", "rstp", "v4l" find theirs; "https" and "srt" are not taken for rtsps and gst.
+    close = difflib.get_close_matches(word.lower(), _SCHEME_NAMES, n=1, cutoff=0.7)
+    return f" (did you mean {close[0]}://?)" if close else ""
+
+
+def _refuse_mistyped_uri(text: str) -> None:
+    """Raise ValueError for what was meant as a URI but is none we know: a scheme we do not
+    have (ftp://), one with its slashes wrong (test:/, usb:0), or a bare scheme name (test).
+    Anything else is a file path; ``./NAME`` always is."""
+    match = _SCHEME_LIKE.match(text)
+    if match is not None:
+        scheme, slashes = match.group("scheme"), match.group("slashes")
+        hint = _did_you_mean(scheme)
+        if slashes == "//":
+            raise ValueError(f"unknown source scheme {scheme + '://'!r}{hint}: {_HELP}")
+        if slashes or hint:
+            # Without "//", redact() would not find a password: then only the scheme is shown.
+            quoted = text if "@" not in text else match.group(0) + "..."
+            raise ValueError(
+                f"source {quoted!r} is not a URI framebroker knows{hint}: a scheme is followed by '://'; {_HELP} "
+                "(a file whose name has a ':' in it: ./NAME)"
+            )
+    if text.lower() in _SCHEME_NAMES:
+        raise ValueError(
+            f"source {text!r} is a scheme without '://' (did you mean {text.lower()}://?): {_HELP} "
+            f"(a file called {text}: ./{text})"
+        )
+
+
+def check_file_exists(spec: SourceSpec) -> None:
+    """Raise SourceError if ``spec`` is a file that is not there (or is a directory).
+
+    For ``framebroker serve`` at start: a camera may be plugged in and a server may come up
+    later, so those are waited for, but a file named on the command line that does not exist is
+    a typo or the wrong directory, and waiting for it would hide the mistake.
+    """
+    if spec.kind != "file":
+        return
+    path = spec.target
+    if os.path.isdir(path):
+        raise SourceError(f"{path} is a directory, not a video file")
+    if not os.path.exists(path):
+        where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+        # A bare word may be a scheme typed without "://" and misspelt ("tset").
+        hint = _did_you_mean(path) if re.fullmatch(r"[A-Za-z0-9+-]+", path) else ""
+        raise SourceError(
+            f"file not found: {path}{where}{hint}: give an existing video file, "
+            "or a camera or test source such as /dev/video0, csi://0 or test://"
+        )
 
 
 def _parse_rtsp(text: str) -> SourceSpec:
