@@ -19,7 +19,6 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from .._redact import redact
 
-SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://")
 _HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path or gst://PIPELINE"
 
 # Query options each kind understands. RTSP URLs may carry the camera's own query parameters,
