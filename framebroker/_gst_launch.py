@@ -231,18 +231,26 @@ def run(gst: Gst, config: dict) -> int:
         bus = gst.gst_element_get_bus(pipeline)
         try:
             if gst.gst_element_set_state(pipeline, STATE_PLAYING) == STATE_CHANGE_FAILURE:
-                # The element that failed has posted why on the bus.
-                message = gst.gst_bus_timed_pop_filtered(bus, 0, MESSAGE_ERROR)
-                reason = describe(gst, message, "ERROR") if message else "ERROR: the pipeline refused to start"
-                if message:
-                    gst.gst_mini_object_unref(message)
-                raise Failure(reason)
+                raise Failure(first_error(gst, bus))
             return watch(gst, pipeline, bus, reporter)
         finally:
             gst.gst_object_unref(bus)
     finally:
         gst.gst_element_set_state(pipeline, STATE_NULL)
         gst.gst_object_unref(pipeline)
+
+
+def first_error(gst: Gst, bus: int) -> str:
+    """Why the pipeline refused to start: the error the failing element posted on the bus."""
+    while True:
+        message = gst.gst_bus_timed_pop_filtered(bus, POLL_NS, MESSAGE_ANY)
+        if not message:
+            return "ERROR: the pipeline refused to start"
+        try:
+            if message.contents.type == MESSAGE_ERROR:
+                return describe(gst, message, "ERROR")
+        finally:
+            gst.gst_mini_object_unref(message)
 
 
 def watch(gst: Gst, pipeline: int, bus: int, reporter: "CapsReporter | None") -> int:

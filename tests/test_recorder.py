@@ -217,7 +217,7 @@ def test_the_file_extension_names_the_container(env, tmp_path, suffix, format_na
     span = (truth[max(truth)] - truth[min(truth)]) / 1e9
     assert span <= float(probe["format"]["duration"]) <= span + 0.1, (probe["format"]["duration"], span)
     tags = probe["programs"][0]["tags"] if suffix == ".ts" else probe["format"]["tags"]
-    assert f"encoder=libx264" in tags["service_name" if suffix == ".ts" else "title"]
+    assert "encoder=libx264" in tags["service_name" if suffix == ".ts" else "title"]
 
 
 # --- crash safety -------------------------------------------------------------------------------------
@@ -495,4 +495,4 @@ def test_missing_stream_exits_1(env, tmp_path):
     name = env.name()
     result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "libx264", "--wait", "0.5", timeout=60)
     assert result.returncode == 1, result.stderr
-    assert f"framebroker record: error:" in result.stderr and name in result.stderr
+    assert "framebroker record: error:" in result.stderr and name in result.stderr

@@ -67,7 +67,9 @@ def segment_stamp(wall_time: float) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
-# The container each file extension names, with FFmpeg's muxer and its options.
+# The container each file extension names: FFmpeg's muxer, and what to call it.
+CONTAINERS = {".ts": ("mpegts", "MPEG-TS"), ".mp4": ("mp4", "fragmented MP4"), ".mkv": ("matroska", "Matroska")}
+# Each muxer's options.
 #   flush_packets: every muxed packet goes to the file or socket at once (no 32 KiB buffering),
 #     which is what bounds the loss on kill -9.
 #   MP4 is fragmented: an empty moov at the start (written once the first packet gives the
@@ -75,14 +77,10 @@ def segment_stamp(wall_time: float) -> str:
 #     and at least every half second, so a killed recorder leaves a file that plays up to its
 #     last complete fragment. A plain MP4 is unplayable until its index is written at the end.
 #   Matroska: a new cluster at least every half second, for the same reason.
-CONTAINERS = {
-    ".ts": ("mpegts", "MPEG-TS", {"flush_packets": "1"}),
-    ".mp4": (
-        "mp4",
-        "fragmented MP4",
-        {"movflags": "frag_keyframe+empty_moov+default_base_moof+delay_moov", "frag_duration": "500000", "flush_packets": "1"},
-    ),
-    ".mkv": ("matroska", "Matroska", {"cluster_time_limit": "500", "flush_packets": "1"}),
+_MUXER_OPTIONS = {
+    "mpegts": {"flush_packets": "1"},
+    "mp4": {"movflags": "frag_keyframe+empty_moov+default_base_moof+delay_moov", "frag_duration": "500000", "flush_packets": "1"},
+    "matroska": {"cluster_time_limit": "500", "flush_packets": "1"},
 }
 
 
@@ -90,7 +88,7 @@ def container_for(path: Union[str, Path]) -> str:
     """The FFmpeg muxer for a file name; ValueError naming the extensions that work."""
     suffix = Path(path).suffix.lower()
     if suffix not in CONTAINERS:
-        names = [f"{ext} ({label})" for ext, (_, label, _) in CONTAINERS.items()]
+        names = [f"{ext} ({label})" for ext, (_, label) in CONTAINERS.items()]
         known = ", ".join(names[:-1]) + " or " + names[-1]
         found = f"extension {suffix}" if suffix else "no extension"
         raise ValueError(f"{path}: {found}; the file name must end in {known}")
@@ -106,8 +104,7 @@ class Muxer:
         import av
 
         self._av = av
-        options = next(options for name, _, options in CONTAINERS.values() if name == container)
-        self._container: Any = av.open(target, "w", format=container, container_options=dict(options))
+        self._container: Any = av.open(target, "w", format=container, container_options=dict(_MUXER_OPTIONS[container]))
         try:
             metadata = self._container.metadata
             if container == "mpegts":  # the program's name, as MPEG-TS receivers show it
@@ -344,11 +341,15 @@ class SegmentedOutput(Output):
             current.stop()
 
 
-def _network_target(url: str, scheme: str) -> tuple[str, int]:
+def _check_network_target(url: str, scheme: str, shown: str) -> None:
+    """ValueError unless ``url`` is scheme://HOST:PORT[...]; ``shown`` is how to name it."""
     parts = urlsplit(url)
-    if parts.scheme != scheme or not parts.hostname or parts.port is None:
-        raise ValueError(f"{redact(url)!r} is not a {scheme}://HOST:PORT address")
-    return parts.hostname, parts.port
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != scheme or not parts.hostname or port is None:
+        raise ValueError(f"{shown!r} is not a {scheme}://HOST:PORT address")
 
 
 class UdpOutput(Output):
@@ -360,7 +361,7 @@ class UdpOutput(Output):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        _network_target(url, "udp")
+        _check_network_target(url, "udp", redact(url))
         query = dict(parse_qsl(urlsplit(url).query))
         if "pkt_size" not in query:
             url += ("&" if urlsplit(url).query else "?") + f"pkt_size={UDP_PACKET_SIZE}"
@@ -426,7 +427,7 @@ class SrtOutput(Output):
     def __init__(self, url: str, ffmpeg: str = "ffmpeg") -> None:
         super().__init__()
         expanded, self._secrets = expand_env(url, url_escape)
-        host, port = _network_target(expanded, "srt")
+        _check_network_target(expanded, "srt", self.describe_url(url))
         parts = urlsplit(expanded)
         public, self._secret_options = [], {}
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
