@@ -182,8 +182,8 @@ class Output(Lifecycle):
             self._started_on_keyframe = True
         try:
             self._write(packet)
-        except OSError as exc:
-            raise OutputError(f"writing {self.describe()} failed: {exc}") from None
+        except OSError as exc:  # FFmpeg's message may name the URL, credentials and all
+            raise OutputError(f"writing {self.describe()} failed: {redact(str(exc))}") from None
 
     def stop(self) -> None:
         self._stop_once(self._stop)
@@ -375,7 +375,7 @@ class UdpOutput(Output):
         try:
             self._muxer = Muxer(self.url, info, "mpegts")
         except Exception as exc:
-            raise OutputError(f"cannot send to {self.describe()}: {exc}") from None
+            raise OutputError(f"cannot send to {self.describe()}: {redact(str(exc))}") from None
 
     def _write(self, packet: EncodedPacket) -> None:
         assert self._muxer is not None
