@@ -36,7 +36,7 @@ CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
     "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
     "read": ("plain_reader", "plain reader: prints the frames it gets (rate, frame age, frames skipped)"),
-    "record": ("recorder", "recorder: H.264 in MPEG-TS with true timestamps, to a file, segments, UDP or SRT, and event clips"),
+    "record": ("recorder", "recorder: H.264 with true timestamps, to a file (.ts, .mp4, .mkv), segments, UDP or SRT, and event clips"),
     "view": ("preview", "browser preview: live MJPEG picture, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
 }

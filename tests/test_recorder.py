@@ -20,6 +20,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,7 @@ import framebroker as fb
 from framebroker import testpattern
 from framebroker._process import framebroker_command
 from framebroker._status import describe_stream
+from framebroker.clients.recorder.encoders import AUTO_ORDER
 
 from conftest import wait_until
 
@@ -46,14 +48,16 @@ class Decoded:
 
 
 def decode(path: Path) -> list[Decoded]:
-    """Every frame of a .ts, with the seq its pixels carry, its PTS (90 kHz) and keyframe flag."""
+    """Every frame of a video file, with the seq its pixels carry, its PTS in 90 kHz ticks and
+    its keyframe flag. The file's time base is 1/90000 (MPEG-TS, MP4) or 1/1000 (Matroska)."""
     frames = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        assert stream.time_base == 1 / 90000 or float(stream.time_base) == 1 / 90000
+        ticks_per_unit = {Fraction(1, 90000): 1, Fraction(1, 1000): 90}[Fraction(stream.time_base)]
         for packet in container.demux(stream):
             for frame in packet.decode():
-                frames.append(Decoded(testpattern.identify(frame.to_ndarray(format="bgr24")), frame.pts, bool(packet.is_keyframe)))
+                seq = testpattern.identify(frame.to_ndarray(format="bgr24"))
+                frames.append(Decoded(seq, frame.pts * ticks_per_unit, bool(packet.is_keyframe)))
     return frames
 
 
@@ -122,8 +126,9 @@ def test_five_second_recording_is_h264_in_mpegts_of_the_right_length(env, tmp_pa
     # While it records, status shows the encoder and what it has written.
     entry = wait_until(lambda: (e := recorder_entry(name)) and e["info"].get("written", 0) > 0 and e, 30, "the recorder's status")
     assert entry["info"]["encoder"] == "libx264" and entry["mode"] == "ordered"
+    assert entry["info"]["fallback"] == "no hardware encoder works (7 tried)"
     table = env.run_cli("status", name).stdout
-    assert "encoder=libx264" in table and "dropped_ring=" in table
+    assert "encoder=libx264" in table and "dropped_ring=" in table and "fallback=no hardware encoder works" in table
     assert recorder.wait(timeout=60) == 0, recorder.output()
 
     probe = ffprobe(out)
@@ -135,7 +140,9 @@ def test_five_second_recording_is_h264_in_mpegts_of_the_right_length(env, tmp_pa
     tags = probe["programs"][0]["tags"]
     assert tags["service_provider"] == "framebroker" and tags["service_name"] == f"{name} encoder=libx264"
     stderr = "\n".join(recorder.stderr)
-    assert "NO HARDWARE H.264 ENCODER" in stderr and "h264_nvenc" in stderr
+    (warning,) = [line for line in recorder.stderr if "SOFTWARE H.264" in line]
+    assert len(warning) < 200 and "--log-level debug" in warning, warning
+    assert "h264_nvenc" not in stderr, "each encoder's reason only at debug level"
     assert "encoder libx264" in stderr
     facts = summary(recorder)
     assert facts["encoder"] == "libx264" and int(facts["frames"]) == len(decode(out))
@@ -161,19 +168,20 @@ def wandering_schedule(start_ns: int) -> list[int]:
     return stamps
 
 
-@pytest.mark.parametrize("encoder", ["libx264", "x264enc"])
-def test_pts_are_capture_times_and_a_hole_stays_a_hole(env, tmp_path, encoder):
-    """x264enc runs the GStreamer pipe path (raw frames in, access units split by FFmpeg's parser,
-    PTS from the FIFO of written frames): the plumbing every hardware GStreamer encoder uses."""
+def record_wandering_schedule(env, out: Path, *args: str) -> tuple[dict[int, int], list[Decoded], object]:
+    """Record the wandering schedule into ``out``; the truth (seq -> capture time), the decoded
+    frames, and the recorder."""
     name = env.name("pts")
-    out = tmp_path / f"{encoder}.ts"
     with fb.Publisher(name, shape=SHAPE, fps=30) as pub:
-        recorder = env.cli("record", name, "-o", str(out), "--encoder", encoder)
+        recorder = env.cli("record", name, "-o", str(out), *args)
         wait_recorder_ordered(name, recorder)
         truth = publish_schedule(pub, wandering_schedule(time.monotonic_ns() + 200_000_000))
         assert stop_after_last(name, recorder, max(truth)) == 0, recorder.output()
+    return truth, decode(out), recorder
 
-    frames = decode(out)
+
+def assert_true_timing(truth: dict[int, int], frames: list[Decoded]) -> None:
+    """Every published frame is there, in order, at its capture time (within 1 ms), the hole too."""
     assert [f.seq for f in frames] == sorted(truth), "every published frame, in order, identified"
     first = frames[0]
     errors_ms = [abs((f.pts - first.pts) / 90_000 - (truth[f.seq] - truth[first.seq]) / 1e9) * 1000 for f in frames]
@@ -181,16 +189,46 @@ def test_pts_are_capture_times_and_a_hole_stays_a_hole(env, tmp_path, encoder):
     before, after = frames[29], frames[30]
     assert (before.seq, after.seq) == (30, 31)
     assert (after.pts - before.pts) / 90_000 >= 1.0, "the 1 s hole was closed up"
+
+
+@pytest.mark.parametrize("encoder", ["libx264", "x264enc"])
+def test_pts_are_capture_times_and_a_hole_stays_a_hole(env, tmp_path, encoder):
+    """x264enc runs the GStreamer pipe path (raw frames in, access units split by FFmpeg's parser,
+    PTS from the FIFO of written frames): the plumbing every hardware GStreamer encoder uses."""
+    out = tmp_path / f"{encoder}.ts"
+    truth, frames, recorder = record_wandering_schedule(env, out, "--encoder", encoder)
+    assert_true_timing(truth, frames)
     assert f"encoder={encoder}" in ffprobe(out)["programs"][0]["tags"]["service_name"]
     assert summary(recorder)["dropped_ring"] == "0"
+
+
+@pytest.mark.parametrize(
+    "suffix, format_name", [(".ts", "mpegts"), (".mp4", "mov,mp4,m4a,3gp,3g2,mj2"), (".mkv", "matroska,webm")]
+)
+def test_the_file_extension_names_the_container(env, tmp_path, suffix, format_name):
+    out = tmp_path / f"clip{suffix}"
+    truth, frames, recorder = record_wandering_schedule(env, out)
+    probe = ffprobe(out)
+    assert probe["format"]["format_name"] == format_name
+    (stream,) = probe["streams"]
+    assert stream["codec_name"] == "h264" and (stream["width"], stream["height"]) == (320, 240)
+    assert ffmpeg_decode_errors(out).returncode == 0, "decodes to the end"
+    assert_true_timing(truth, frames)
+    span = (truth[max(truth)] - truth[min(truth)]) / 1e9
+    assert span <= float(probe["format"]["duration"]) <= span + 0.1, (probe["format"]["duration"], span)
+    tags = probe["programs"][0]["tags"] if suffix == ".ts" else probe["format"]["tags"]
+    assert "encoder=libx264" in tags["service_name" if suffix == ".ts" else "title"]
 
 
 # --- crash safety -------------------------------------------------------------------------------------
 
 
-def test_kill_9_leaves_a_decodable_file_ending_within_half_a_second(env, tmp_path):
+@pytest.mark.parametrize("suffix, most_lost", [(".ts", 0.5), (".mp4", 1.0)])
+def test_kill_9_leaves_a_decodable_file_ending_within_half_a_second(env, tmp_path, suffix, most_lost):
+    """MPEG-TS is flushed packet by packet; MP4 fragment by fragment (at every keyframe and at
+    least every half second), so the last fragment can be lost with the queue in front of it."""
     name = env.name("kill")
-    out = tmp_path / "killed.ts"
+    out = tmp_path / f"killed{suffix}"
     truth: dict[int, int] = {}
     stop = threading.Event()
     ready = threading.Event()
@@ -221,11 +259,12 @@ def test_kill_9_leaves_a_decodable_file_ending_within_half_a_second(env, tmp_pat
         producer.join(timeout=10)
 
     assert ffmpeg_decode_errors(out).returncode == 0
+    assert ffprobe(out)["format"]["format_name"] == {".ts": "mpegts", ".mp4": "mov,mp4,m4a,3gp,3g2,mj2"}[suffix]
     frames = decode(out)
     assert len(frames) >= 30 and all(f.seq is not None for f in frames)
     last = frames[-1].seq
     lost = (killed_ns - truth[last]) / 1e9
-    assert lost <= 0.5, f"the file ends {lost:.3f} s before the kill"
+    assert lost <= most_lost, f"the file ends {lost:.3f} s before the kill"
 
 
 # --- segments -------------------------------------------------------------------------------------------
@@ -417,6 +456,8 @@ def test_progress_line_only_on_a_terminal(env, tmp_path):
         (["--keep", "3"], "--dir and --keep go with --segment"),
         (["--segment", "2", "--dir", "/nonexistent/dir"], "no such directory"),
         (["-o", "rtmp://host/app"], "unknown scheme rtmp://"),
+        (["-o", "clip.avi"], "-o clip.avi: extension .avi; the file name must end in .ts (MPEG-TS), .mp4 (fragmented MP4) or .mkv (Matroska)"),
+        (["-o", "clip"], "-o clip: no extension"),
         (["-o", "udp://nohostport"], "is not a udp://HOST:PORT address"),
         (["--duration", "-1"], "--duration must be > 0"),
         (["--bitrate", "fast"], "--bitrate must be a whole number"),
@@ -439,8 +480,19 @@ def test_a_named_encoder_that_does_not_work_is_a_clear_error(env, tmp_path):
     assert "nvv4l2h264enc" in result.stderr and "no element" in result.stderr
 
 
+def test_each_encoders_reason_at_debug_level(env, tmp_path):
+    daemon, name = env.serve("test://", None, "--width", "320", "--height", "240", "--fps", "30")
+    result = env.run_cli("--log-level", "debug", "record", name, "-o", str(tmp_path / "x.ts"), "--duration", "0.5")
+    assert result.returncode == 0, result.stderr
+    reasons = dict(re.findall(r"DEBUG: encoder (\S+) does not work here: (.+)", result.stderr))
+    chosen = re.search(r"encoder=(\S+)", result.stdout).group(1)
+    # Every encoder tried before the chosen one, each with its reason (what is missing here).
+    assert list(reasons) == list(AUTO_ORDER[: AUTO_ORDER.index(chosen)]), result.stderr
+    assert all(len(reason) > 10 for reason in reasons.values()), reasons
+
+
 def test_missing_stream_exits_1(env, tmp_path):
     name = env.name()
     result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "libx264", "--wait", "0.5", timeout=60)
     assert result.returncode == 1, result.stderr
-    assert f"framebroker record: error:" in result.stderr and name in result.stderr
+    assert "framebroker record: error:" in result.stderr and name in result.stderr

@@ -17,7 +17,7 @@ from framebroker._status import describe_stream
 from framebroker.sources import SourceSpec, make_source
 
 from conftest import wait_until
-from test_sources import require, start_rtsp_server
+from test_sources import require_gstreamer, start_rtsp_server
 
 
 def _state(name: str) -> dict:
@@ -25,7 +25,7 @@ def _state(name: str) -> dict:
 
 
 def test_rtsp_server_restart_at_another_resolution(env):
-    require("gst-launch-1.0")
+    require_gstreamer()
     server, port = start_rtsp_server(env, "--width", "320", "--height", "240")
     daemon, name = env.serve(f"rtsp://127.0.0.1:{port}/test?latency=0")
     follower = env.worker("follow", name, "--seconds", "60")

@@ -1,6 +1,6 @@
-"""``framebroker record``: H.264 in MPEG-TS from a stream, with true timestamps (design.md section 6).
+"""``framebroker record``: H.264 from a stream, with true timestamps, in MPEG-TS, MP4 or Matroska.
 
-    framebroker record cam0 -o cam0.ts --duration 60
+    framebroker record cam0 -o cam0.ts --duration 60      # or cam0.mp4 (fragmented), cam0.mkv
     framebroker record cam0 --segment 60 --dir /var/lib/cams --keep 1440
     framebroker record cam0 -o udp://192.168.1.50:5000 --text "TX2 DEMO" --clock
     framebroker record cam0 --clips /var/lib/clips --pre-roll 5 --post-roll 5   # + framebroker trigger cam0
@@ -10,7 +10,8 @@ The package, one job per module:
 * ``packets``: ``EncodedPacket`` and the ``PacketRouter`` every packet passes through.
 * ``encoders``: FFmpeg (PyAV) and GStreamer encoders, the registry and ``auto`` order.
 * ``selection``: choosing the encoder by a test encode.
-* ``outputs``: .ts file, segmented files with sidecar indexes, UDP, SRT.
+* ``lifecycle``: the start/stop states encoders and outputs share.
+* ``outputs``: a .ts, .mp4 or .mkv file, segmented .ts files with sidecar indexes, UDP, SRT.
 * ``clips``: the pre-roll buffer and the event clips it writes on triggers.
 * ``recorder``: the pipeline (reader thread, bounded queue, encode thread).
 * this module: the command line.
@@ -29,7 +30,7 @@ import time
 from fractions import Fraction
 from pathlib import Path
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional
 
 import framebroker as fb
 from framebroker.arguments import float_in, int_in
@@ -61,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o",
         "--output",
         metavar="OUT",
-        help="FILE.ts, udp://HOST:PORT or srt://HOST:PORT[?mode=listener&latency=...] "
-        "(default: NAME-<UTC start>.ts in the current directory)",
+        help="FILE.ts (MPEG-TS), FILE.mp4 (fragmented MP4), FILE.mkv (Matroska), udp://HOST:PORT or "
+        "srt://HOST:PORT[?mode=listener&latency=...&passphrase=${VAR}] (${VAR}: from the environment, off the "
+        "command line) (default: NAME-<UTC start>.ts in the current directory)",
     )
     parser.add_argument("--duration", type=float_in(0, 1e9, "--duration"), metavar="S", help="stop after S seconds of video")
     parser.add_argument("--segment", type=float_in(0, 1e6, "--segment"), metavar="S", help="start a new file every S seconds (on a keyframe)")
@@ -150,9 +152,13 @@ def _build_output(args: argparse.Namespace) -> Output:
     return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep)
 
 
-def _clip_info(clips: PreRollOutput):  # type: ignore[no-untyped-def]
+def _extra_info(note: dict, clips: Optional[PreRollOutput]) -> Callable[[], dict]:
+    """What status shows beside the recorder's counters: why software encodes, the clip buffer."""
+
     def info() -> dict:
-        return {"preroll_s": round(clips.held_seconds, 1), "preroll_kb": clips.held_bytes // 1024, "clips": len(clips.clips)}
+        if clips is None:
+            return note
+        return {**note, "preroll_s": round(clips.held_seconds, 1), "preroll_kb": clips.held_bytes // 1024, "clips": len(clips.clips)}
 
     return info
 
@@ -223,13 +229,13 @@ def main(args: argparse.Namespace) -> int:
     reader = open_reader(args.name, args.reader_name, args.wait, "record")
     inbox: Optional[fb.TriggerInbox] = None
     try:
-        spec = select_encoder(args.encoder).spec
-        reader.set_info(encoder=spec.name, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
+        selection = select_encoder(args.encoder)
+        spec = selection.spec
+        note = {"fallback": selection.fallback_reason} if selection.fallback else {}
+        reader.set_info(encoder=spec.name, **note, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
         if clips is not None:
             inbox = reader.triggers()
-        recorder = Recorder(
-            reader, spec, outputs, options, output_label=label, extra_info=None if clips is None else _clip_info(clips)
-        )
+        recorder = Recorder(reader, spec, outputs, options, output_label=label, extra_info=_extra_info(note, clips))
     except BaseException:
         if inbox is not None:
             inbox.close()

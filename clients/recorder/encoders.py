@@ -6,7 +6,8 @@ Two kinds, one interface (``Encoder``):
   (NVIDIA NVENC) and ``h264_v4l2m2m`` (V4L2 memory-to-memory, e.g. Raspberry Pi). Frames carry
   their PTS into the codec and packets come back with it, so each packet is matched to its frame
   by PTS.
-* ``GStreamerEncoder`` runs ``gst-launch-1.0`` in a child and feeds it raw frames on a pipe:
+* ``GStreamerEncoder`` runs a pipeline in a child (``framebroker.gstreamer.GstProcess``) and
+  feeds it raw frames on a pipe:
   ``fdsrc ! rawvideoparse ! <conversion> ! <encoder> ! h264parse ! byte-stream/au ! fdsink``.
   This is the only way to Jetson's encoders (``nvv4l2h264enc``, older ``omxh264enc``, both fed
   NV12/I420 in NVMM memory by ``nvvidconv``) and it reaches VAAPI (``vah264enc``,
@@ -20,15 +21,13 @@ The PyAV wheel's FFmpeg has no ``h264_vaapi`` (and feeding it needs VAAPI surfac
 encoding API does not offer), so VAAPI goes through GStreamer.
 
 ``ENCODERS`` names every encoder ``--encoder`` accepts; ``AUTO_ORDER`` is the order ``auto`` tries
-them in (design.md section 6). Which one works is decided by a test encode (``selection.py``).
+them in (README, Recording). Which one works is decided by a test encode (``selection.py``).
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
-import shutil
 import subprocess
 import threading
 from collections import deque
@@ -39,12 +38,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 import framebroker as fb
+from framebroker.gstreamer import GstProcess
 
-from .packets import TIME_BASE, EncodedPacket, FrameStamp, keep_tail
+from .lifecycle import Lifecycle, State
+from .packets import TIME_BASE, EncodedPacket, FrameStamp
 
 log = logging.getLogger("framebroker.recorder")
 
-GST_LAUNCH = "gst-launch-1.0"
 # How long stop() waits for a GStreamer child to drain and exit before killing it (seconds).
 GST_STOP_TIMEOUT = 10.0
 # Software x264 settings, chosen with bench/recorder_realtime.py: "superfast" keeps 1280x720 at
@@ -94,13 +94,7 @@ class EncoderSettings:
         return self.bitrate_kbps * 1000
 
 
-class State(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    STOPPED = "stopped"
-
-
-class Encoder:
+class Encoder(Lifecycle):
     """Turns frames into ``EncodedPacket``s handed to ``deliver``.
 
     ``start()`` opens the codec or pipeline (``fb.EncoderError`` if it cannot), ``encode()`` takes
@@ -111,41 +105,26 @@ class Encoder:
     """
 
     name = "?"
-    hardware = False
     forces_keyframes = False  # whether encode(keyframe=True) is honoured (else: every keyframe_frames)
 
     def __init__(self, settings: EncoderSettings, deliver: Deliver) -> None:
+        super().__init__()
         self.settings = settings
         self._deliver = deliver
-        self._state = State.NEW
-        self._lock = threading.Lock()
-        self.frames_in = 0
-        self.packets_out = 0
 
-    @property
-    def state(self) -> State:
-        return self._state
+    def describe(self) -> str:
+        return f"encoder {self.name}"
 
     def start(self) -> None:
-        with self._lock:
-            if self._state is not State.NEW:
-                raise ValueError(f"encoder {self.name} was already started")
-            self._start()
-            self._state = State.RUNNING
+        self._start_once(self._start)
 
     def encode(self, image: np.ndarray, stamp: FrameStamp, keyframe: bool = False) -> None:
         if self._state is not State.RUNNING:
-            raise fb.EncoderError(f"encoder {self.name} is not running ({self._state.value})")
+            raise fb.EncoderError(f"{self.describe()} is not running ({self._state.value})")
         self._encode(image, stamp, keyframe)
-        self.frames_in += 1
 
     def stop(self) -> None:
-        with self._lock:
-            if self._state is not State.RUNNING:
-                self._state = State.STOPPED
-                return
-            self._state = State.STOPPED
-            self._stop(flush=True)
+        self._stop_once(lambda: self._stop(flush=True))
 
     def abort(self) -> None:
         with self._lock:
@@ -158,7 +137,6 @@ class Encoder:
             self._state = State.STOPPED
 
     def _emit(self, packet: EncodedPacket) -> None:
-        self.packets_out += 1
         self._deliver(packet)
 
     def _start(self) -> None:
@@ -212,13 +190,11 @@ class PyAVEncoder(Encoder):
         deliver: Deliver,
         *,
         codec: str,
-        hardware: bool,
         options: Callable[[EncoderSettings], dict[str, str]],
         forces_keyframes: bool,
     ) -> None:
         super().__init__(settings, deliver)
         self.name = codec
-        self.hardware = hardware
         self.forces_keyframes = forces_keyframes
         self._options = options
         self._context: Any = None
@@ -304,7 +280,7 @@ class PyAVEncoder(Encoder):
             pass
 
 
-# --- GStreamer pipelines through gst-launch-1.0 ------------------------------------------------------
+# --- GStreamer pipelines in a child process -------------------------------------------------------------
 
 
 def _gst_x264enc(s: EncoderSettings) -> list[str]:
@@ -365,7 +341,7 @@ def _gst_v4l2h264enc(s: EncoderSettings) -> list[str]:
 
 
 def gst_pipeline(encoder_elements: list[str], settings: EncoderSettings, out_fd: int) -> list[str]:
-    """The gst-launch-1.0 arguments: raw frames on stdin, H.264 access units on ``out_fd``."""
+    """The pipeline as gst-launch-1.0 arguments: raw frames on stdin, H.264 access units on ``out_fd``."""
     _, gst_format, channels = _RAW_FORMATS[settings.pixel_format]
     rate = settings.frame_rate
     row = settings.width * channels
@@ -384,18 +360,18 @@ def gst_pipeline(encoder_elements: list[str], settings: EncoderSettings, out_fd:
 
 
 class GStreamerEncoder(Encoder):
-    """An encoder element run by ``gst-launch-1.0`` in a child process, fed over a pipe.
+    """An encoder element run in a ``framebroker.gstreamer.GstProcess`` child, fed over a pipe.
 
     Threads: ``encode()`` writes frames to the child's stdin on the caller's thread (it blocks if
     the encoder is slower than the frames come; the recorder's queue absorbs that). A reader thread
-    splits the child's output into access units and calls ``deliver`` for each; a second thread
-    keeps the last lines the child printed on stderr, for error messages.
+    splits the child's output into access units and calls ``deliver`` for each; the GstProcess
+    keeps the last lines the child printed, for error messages.
 
     Keyframes come every ``keyframe_frames`` frames: GStreamer offers no way to force one through
     a pipe, so ``encode(keyframe=True)`` is not honoured (``forces_keyframes`` is False).
     """
 
-    _process: Optional[subprocess.Popen] = None
+    _process: Optional[GstProcess] = None
 
     def __init__(
         self,
@@ -403,52 +379,41 @@ class GStreamerEncoder(Encoder):
         deliver: Deliver,
         *,
         element: str,
-        hardware: bool,
         elements: Callable[[EncoderSettings], list[str]],
     ) -> None:
         super().__init__(settings, deliver)
         self.name = element
-        self.hardware = hardware
         self._elements = elements
         self._fifo: deque[FrameStamp] = deque()
         self._fifo_lock = threading.Lock()
-        self._stderr: deque[str] = deque(maxlen=30)
         self._error: Optional[BaseException] = None
         self._reader: Optional[threading.Thread] = None
-        self._aborting = False
-        self.unmatched = 0  # access units that came back with no frame waiting for them
 
-    def argv(self, out_fd: int = 3) -> list[str]:
-        return [GST_LAUNCH, "-q", *gst_pipeline(self._elements(self.settings), self.settings, out_fd)]
+    def pipeline(self, out_fd: int) -> list[str]:
+        """The pipeline, as gst-launch-1.0 arguments, writing access units to ``out_fd``."""
+        return gst_pipeline(self._elements(self.settings), self.settings, out_fd)
 
     def _start(self) -> None:
         import av
 
-        if shutil.which(GST_LAUNCH) is None:
-            raise fb.EncoderError(f"{self.name} needs GStreamer's {GST_LAUNCH}: apt-get install gstreamer1.0-tools")
         # The parser splits the byte stream into access units (and flags keyframes); it only
         # parses, it decodes nothing.
         self._parser = av.CodecContext.create("h264", "r")
         read_end, write_end = os.pipe()
         try:
-            self._process = subprocess.Popen(
-                self.argv(write_end),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=(write_end,),
-                # A Ctrl-C in the terminal is ours to handle: we end the child with EOS, in order.
-                start_new_session=True,
+            # The child has a session of its own: a Ctrl-C in the terminal is ours to handle, and
+            # we end the child with end of stream, in order.
+            self._process = GstProcess(
+                self.pipeline(write_end), name=f"{self.name} encoder", stdin=subprocess.PIPE, pass_fds=(write_end,)
             )
         except OSError as exc:
             os.close(read_end)
-            raise fb.EncoderError(f"cannot start {GST_LAUNCH}: {exc}") from None
+            raise fb.EncoderError(f"cannot start the GStreamer child for {self.name}: {exc}") from None
         finally:
             os.close(write_end)
         self._out = read_end
         self._reader = threading.Thread(target=self._read_output, name=f"{self.name}-out", daemon=True)
         self._reader.start()
-        keep_tail(self._process.stderr, self._stderr, f"{self.name}-err")  # type: ignore[union-attr,arg-type]
 
     def _encode(self, image: np.ndarray, stamp: FrameStamp, keyframe: bool) -> None:
         if self._error is not None:
@@ -461,7 +426,7 @@ class GStreamerEncoder(Encoder):
             process.stdin.write(np.ascontiguousarray(image).data)
             process.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
-            self._wait_for_exit(2.0)
+            process.wait(2.0)
             raise self._error or fb.EncoderError(self._failure("stopped taking frames")) from None
 
     def _read_output(self) -> None:
@@ -474,9 +439,8 @@ class GStreamerEncoder(Encoder):
                     break
         except BaseException as exc:  # an output failed (or the parser did): stop the pipeline
             self._error = exc
-            process = self._process
-            if process is not None and process.poll() is None:
-                process.kill()
+            if self._process is not None:
+                self._process.kill()
         finally:
             os.close(self._out)
 
@@ -486,44 +450,28 @@ class GStreamerEncoder(Encoder):
         if stamp is None:
             # One access unit per frame is the contract of these pipelines (no B-frames, no
             # frame skipping); say so loudly if an element breaks it instead of mislabelling.
-            self.unmatched += 1
             log.error("%s returned an access unit with no frame waiting for it; dropped it", self.name)
             return
         self._emit(EncodedPacket(bytes(unit), stamp.pts, stamp.pts, bool(unit.is_keyframe), (stamp,)))
 
-    def _wait_for_exit(self, timeout: float) -> Optional[int]:
-        process = self._process
-        if process is None:
-            return None
-        try:
-            return process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
     def _failure(self, what: str) -> str:
-        lines = list(self._stderr)
-        detail = next((line for line in lines if line.startswith(("ERROR", "WARNING: erroneous"))), lines[-1] if lines else "")
-        for index, line in enumerate(lines):
-            if line.startswith("ERROR: from element") and index + 1 < len(lines):
-                detail = f"{line.rsplit(': ', 1)[-1]} ({lines[index + 1]})"
-                break
-        code = self._process.returncode if self._process is not None else None
-        return f"GStreamer encoder {self.name} {what} (gst-launch-1.0 exit {code})" + (f": {detail}" if detail else "")
+        process = self._process
+        code = process.returncode if process is not None else None
+        detail = process.error() if process is not None else ""
+        return f"GStreamer encoder {self.name} {what} (exit {code})" + (f": {detail}" if detail else "")
 
     def _stop(self, flush: bool) -> None:
         process = self._process
         if process is None:
             return
         if not flush:
-            self._aborting = True
-            if process.poll() is None:
-                process.kill()
+            process.kill()
+        assert process.stdin is not None
         try:
-            assert process.stdin is not None
             process.stdin.close()  # end of stream: the pipeline drains and exits
         except (BrokenPipeError, OSError):
             pass
-        code = self._wait_for_exit(GST_STOP_TIMEOUT if flush else 2.0)
+        code = process.wait(GST_STOP_TIMEOUT if flush else 2.0)
         if code is None:
             process.kill()
             process.wait()
@@ -550,7 +498,6 @@ class EncoderSpec:
 
     name: str
     family: str  # jetson, nvenc, vaapi, v4l2m2m, software
-    backend: str  # pyav or gstreamer
     hardware: bool
     description: str
     factory: Callable[[EncoderSettings, Deliver], Encoder] = field(repr=False, compare=False)
@@ -561,16 +508,16 @@ class EncoderSpec:
 
 def _pyav(codec: str, family: str, hardware: bool, description: str, options: Callable[[EncoderSettings], dict[str, str]], forces: bool) -> EncoderSpec:
     def factory(settings: EncoderSettings, deliver: Deliver) -> Encoder:
-        return PyAVEncoder(settings, deliver, codec=codec, hardware=hardware, options=options, forces_keyframes=forces)
+        return PyAVEncoder(settings, deliver, codec=codec, options=options, forces_keyframes=forces)
 
-    return EncoderSpec(codec, family, "pyav", hardware, description, factory)
+    return EncoderSpec(codec, family, hardware, description, factory)
 
 
 def _gst(element: str, family: str, hardware: bool, description: str, elements: Callable[[EncoderSettings], list[str]]) -> EncoderSpec:
     def factory(settings: EncoderSettings, deliver: Deliver) -> Encoder:
-        return GStreamerEncoder(settings, deliver, element=element, hardware=hardware, elements=elements)
+        return GStreamerEncoder(settings, deliver, element=element, elements=elements)
 
-    return EncoderSpec(element, family, "gstreamer", hardware, description, factory)
+    return EncoderSpec(element, family, hardware, description, factory)
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -588,7 +535,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     )
 }
 
-# design.md section 6: Jetson (then the older OpenMAX one), NVENC, VAAPI, V4L2 M2M, software x264.
+# Jetson (then the older OpenMAX one), NVENC, VAAPI, V4L2 M2M, software x264.
 AUTO_ORDER = (
     "nvv4l2h264enc",
     "omxh264enc",

@@ -1,11 +1,13 @@
-"""Outputs: where encoded packets go. A .ts file, segmented .ts files, UDP, SRT.
+"""Outputs: where encoded packets go. A file (.ts, .mp4 or .mkv), segmented .ts files, UDP, SRT.
 
-Every output muxes MPEG-TS with FFmpeg's real muxer (``TsMuxer``, through PyAV) with a 1/90000
-time base, so the PTS an encoder gave a packet is the PTS in the file. MPEG-TS needs no trailer:
+Every output muxes with FFmpeg's real muxers (``Muxer``, through PyAV) with a 1/90000 time base,
+so the PTS an encoder gave a packet is the PTS in the file. A file's extension names its
+container (``CONTAINERS``); segments, clips and streams are MPEG-TS. MPEG-TS needs no trailer:
 each packet is flushed to the file (or socket) as it is muxed, so a recorder killed with kill -9
-leaves a file that plays up to its last packet. The encoder used is written into each file's
-program metadata (service_provider "framebroker", service_name "<stream> encoder=<name>"), which
-``ffprobe -show_programs`` shows.
+leaves a file that plays up to its last packet; MP4 is written fragmented and Matroska in short
+clusters for the same reason. The encoder used is written into each file's metadata: in
+MPEG-TS the program's (service_provider "framebroker", service_name "<stream> encoder=<name>",
+``ffprobe -show_programs``), in MP4 and Matroska the title ("<stream> encoder=<name>").
 
 An output starts writing at the first keyframe it is given, so every file and stream begins
 where a decoder can start.
@@ -17,7 +19,6 @@ A note on locking: ``start()`` and ``stop()`` take the output's lock and check i
 from __future__ import annotations
 
 import csv
-import enum
 import logging
 import os
 import queue
@@ -30,27 +31,27 @@ from collections import deque
 from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any, Optional, Union
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import framebroker as fb
+from framebroker.sources import expand_env, redact, url_escape
 
-from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo, keep_tail
+from .lifecycle import Lifecycle, State
+from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo
 
 log = logging.getLogger("framebroker.recorder")
 
 # MPEG-TS over UDP: 7 TS packets of 188 bytes per datagram, the size every receiver expects and
 # one that fits an Ethernet MTU.
 UDP_PACKET_SIZE = 7 * 188
+# SRT options that carry secrets (mediamtx takes user and password in the streamid): they go to
+# ffmpeg through a private file, never on its command line, and are masked wherever shown.
+SRT_SECRET_OPTIONS = ("passphrase", "streamid", "srt_streamid")
+_SRT_SECRET_SETTING = re.compile(r"\b(" + "|".join(SRT_SECRET_OPTIONS) + r")=[^&\s]*")
 # SRT output: bytes queued for the ffmpeg child before packets are dropped (up to the next
 # keyframe) instead of waiting for a slow or absent receiver.
 SRT_QUEUE_BYTES = 16 * 1024 * 1024
 SRT_STOP_TIMEOUT = 5.0
-
-
-class State(enum.Enum):
-    NEW = "new"
-    RUNNING = "running"
-    STOPPED = "stopped"
 
 
 class OutputError(fb.FrameBrokerError):
@@ -66,19 +67,52 @@ def segment_stamp(wall_time: float) -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
-class TsMuxer:
-    """FFmpeg's MPEG-TS muxer writing to a path, a URL or a Python file-like object."""
+# The container each file extension names: FFmpeg's muxer, and what to call it.
+CONTAINERS = {".ts": ("mpegts", "MPEG-TS"), ".mp4": ("mp4", "fragmented MP4"), ".mkv": ("matroska", "Matroska")}
+# Each muxer's options.
+#   flush_packets: every muxed packet goes to the file or socket at once (no 32 KiB buffering),
+#     which is what bounds the loss on kill -9.
+#   MP4 is fragmented: an empty moov at the start (written once the first packet gives the
+#     H.264 parameters: delay_moov) and a self-contained moof+mdat fragment at every keyframe
+#     and at least every half second, so a killed recorder leaves a file that plays up to its
+#     last complete fragment. A plain MP4 is unplayable until its index is written at the end.
+#   Matroska: a new cluster at least every half second, for the same reason.
+_MUXER_OPTIONS = {
+    "mpegts": {"flush_packets": "1"},
+    "mp4": {"movflags": "frag_keyframe+empty_moov+default_base_moof+delay_moov", "frag_duration": "500000", "flush_packets": "1"},
+    "matroska": {"cluster_time_limit": "500", "flush_packets": "1"},
+}
 
-    def __init__(self, target: Union[str, IO[bytes]], info: StreamInfo) -> None:
+
+def container_for(path: Union[str, Path]) -> str:
+    """The FFmpeg muxer for a file name; ValueError naming the extensions that work."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in CONTAINERS:
+        names = [f"{ext} ({label})" for ext, (_, label) in CONTAINERS.items()]
+        known = ", ".join(names[:-1]) + " or " + names[-1]
+        found = f"extension {suffix}" if suffix else "no extension"
+        raise ValueError(f"{path}: {found}; the file name must end in {known}")
+    return CONTAINERS[suffix][0]
+
+
+class Muxer:
+    """One of FFmpeg's muxers (``mpegts``, ``mp4``, ``matroska``) writing to a path, a URL or a
+    Python file-like object, with the stream's time base of 1/90000 where the container allows
+    it (Matroska counts milliseconds: its PTS are within 0.5 ms)."""
+
+    def __init__(self, target: Union[str, IO[bytes]], info: StreamInfo, container: str) -> None:
         import av
 
         self._av = av
-        # flush_packets: hand every muxed packet to the file or socket at once (no 32 KiB
-        # buffering), which is what bounds the loss on kill -9.
-        self._container: Any = av.open(target, "w", format="mpegts", container_options={"flush_packets": "1"})
+        self._container: Any = av.open(target, "w", format=container, container_options=dict(_MUXER_OPTIONS[container]))
         try:
-            self._container.metadata["service_provider"] = "framebroker"
-            self._container.metadata["service_name"] = f"{info.stream} encoder={info.encoder}"
+            metadata = self._container.metadata
+            if container == "mpegts":  # the program's name, as MPEG-TS receivers show it
+                metadata["service_provider"] = "framebroker"
+                metadata["service_name"] = f"{info.stream} encoder={info.encoder}"
+            else:
+                metadata["title"] = f"{info.stream} encoder={info.encoder}"
+                metadata["comment"] = "recorded by framebroker"
             stream = self._container.add_stream("h264")
             stream.width = info.width
             stream.height = info.height
@@ -104,10 +138,11 @@ class TsMuxer:
 
 
 class SidecarIndex:
-    """``<file>.csv`` next to a .ts: one row per frame, to join ML results (by seq) to the video.
+    """``<file>.csv`` next to a video file: one row per frame, to join ML results (by seq) to the video.
 
-    Columns: seq, pts (90 kHz ticks, as in the file), pts_time (seconds), wall_time (epoch seconds
-    of capture), timestamp_ns (CLOCK_MONOTONIC capture time). Line-buffered, like the video.
+    Columns: seq, pts (90 kHz ticks, as in .ts and .mp4 files; Matroska rounds them to
+    milliseconds), pts_time (seconds), wall_time (epoch seconds of capture), timestamp_ns
+    (CLOCK_MONOTONIC capture time). Line-buffered, like the video.
     """
 
     COLUMNS = ("seq", "pts", "pts_time", "wall_time", "timestamp_ns")
@@ -126,28 +161,16 @@ class SidecarIndex:
         self._file.close()
 
 
-class Output:
+class Output(Lifecycle):
     """Takes encoded packets: ``start(info)``, ``write(packet)`` for each, ``stop()``."""
 
     def __init__(self) -> None:
-        self._state = State.NEW
-        self._lock = threading.Lock()
+        super().__init__()
         self._started_on_keyframe = False
         self.skipped = 0  # packets before the first keyframe, not written
 
-    @property
-    def state(self) -> State:
-        return self._state
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
     def start(self, info: StreamInfo) -> None:
-        with self._lock:
-            if self._state is not State.NEW:
-                raise ValueError(f"output {self.describe()} was already started")
-            self._start(info)
-            self._state = State.RUNNING
+        self._start_once(lambda: self._start(info))
 
     def write(self, packet: EncodedPacket) -> None:
         if self._state is not State.RUNNING:
@@ -159,16 +182,11 @@ class Output:
             self._started_on_keyframe = True
         try:
             self._write(packet)
-        except OSError as exc:
-            raise OutputError(f"writing {self.describe()} failed: {exc}") from None
+        except OSError as exc:  # FFmpeg's message may name the URL, credentials and all
+            raise OutputError(f"writing {self.describe()} failed: {redact(str(exc))}") from None
 
     def stop(self) -> None:
-        with self._lock:
-            if self._state is not State.RUNNING:
-                self._state = State.STOPPED
-                return
-            self._state = State.STOPPED
-            self._stop()
+        self._stop_once(self._stop)
 
     def _start(self, info: StreamInfo) -> None:
         raise NotImplementedError
@@ -181,16 +199,16 @@ class Output:
 
 
 class FileOutput(Output):
-    """One .ts file (overwritten if it exists), with an optional sidecar index next to it."""
+    """One file (overwritten if it exists) in the container its extension names (``CONTAINERS``;
+    ValueError for another), with an optional sidecar index next to it."""
 
     def __init__(self, path: Union[str, Path], index: bool = False) -> None:
         super().__init__()
+        self.container = container_for(path)
         self.path = Path(path)
         self.index_path = self.path.with_suffix(".csv") if index else None
-        self._muxer: Optional[TsMuxer] = None
+        self._muxer: Optional[Muxer] = None
         self._index: Optional[SidecarIndex] = None
-        self.first_pts: Optional[int] = None
-        self.last_pts: Optional[int] = None
         self._complete_size = 0
 
     def describe(self) -> str:
@@ -199,7 +217,7 @@ class FileOutput(Output):
     def _start(self, info: StreamInfo) -> None:
         try:
             # "file:" so FFmpeg never reads a name like "cam:0.ts" as a protocol.
-            self._muxer = TsMuxer("file:" + str(self.path.resolve()), info)
+            self._muxer = Muxer("file:" + str(self.path.resolve()), info, self.container)
             if self.index_path is not None:
                 self._index = SidecarIndex(self.index_path)
         except OSError as exc:
@@ -223,9 +241,6 @@ class FileOutput(Output):
         self._complete_size = os.path.getsize(self.path)
         if self._index is not None:
             self._index.add(packet)
-        if self.first_pts is None:
-            self.first_pts = packet.pts
-        self.last_pts = packet.pts
 
     def _stop(self) -> None:
         muxer, self._muxer = self._muxer, None
@@ -326,11 +341,15 @@ class SegmentedOutput(Output):
             current.stop()
 
 
-def _network_target(url: str, scheme: str) -> tuple[str, int]:
+def _check_network_target(url: str, scheme: str, shown: str) -> None:
+    """ValueError unless ``url`` is scheme://HOST:PORT[...]; ``shown`` is how to name it."""
     parts = urlsplit(url)
-    if parts.scheme != scheme or not parts.hostname or parts.port is None:
-        raise ValueError(f"{url!r} is not a {scheme}://HOST:PORT address")
-    return parts.hostname, parts.port
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != scheme or not parts.hostname or port is None:
+        raise ValueError(f"{shown!r} is not a {scheme}://HOST:PORT address")
 
 
 class UdpOutput(Output):
@@ -342,21 +361,21 @@ class UdpOutput(Output):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        _network_target(url, "udp")
+        _check_network_target(url, "udp", redact(url))
         query = dict(parse_qsl(urlsplit(url).query))
         if "pkt_size" not in query:
             url += ("&" if urlsplit(url).query else "?") + f"pkt_size={UDP_PACKET_SIZE}"
         self.url = url
-        self._muxer: Optional[TsMuxer] = None
+        self._muxer: Optional[Muxer] = None
 
     def describe(self) -> str:
-        return self.url
+        return redact(self.url)
 
     def _start(self, info: StreamInfo) -> None:
         try:
-            self._muxer = TsMuxer(self.url, info)
+            self._muxer = Muxer(self.url, info, "mpegts")
         except Exception as exc:
-            raise OutputError(f"cannot send to {self.url}: {exc}") from None
+            raise OutputError(f"cannot send to {self.describe()}: {redact(str(exc))}") from None
 
     def _write(self, packet: EncodedPacket) -> None:
         assert self._muxer is not None
@@ -395,12 +414,32 @@ class SrtOutput(Output):
     receiver never blocks encoding: when the queue is full, packets are dropped up to the next
     keyframe and counted. If the child ends (connection refused or lost), the recording fails with
     the child's reason. URL options (``mode=listener``, ``latency=``, ``passphrase=``) go to ffmpeg.
+
+    Secrets stay off every command line: ``${NAME}`` in the URL reads the environment variable
+    NAME (so the recorder's own command line need not hold the passphrase), and the options in
+    ``SRT_SECRET_OPTIONS`` reach ffmpeg through ``-fpre``, a file of ``option=value`` lines that
+    ffmpeg applies to the output like command-line options, given as ``/dev/fd/N`` of an
+    in-memory file (memfd) that only this user and root can open. The URL ffmpeg gets on its
+    command line keeps only the other options. ``describe()`` shows the URL as written, with the
+    secret options masked.
     """
 
     def __init__(self, url: str, ffmpeg: str = "ffmpeg") -> None:
         super().__init__()
-        _network_target(url, "srt")
-        self.url = url
+        expanded, self._secrets = expand_env(url, url_escape)
+        _check_network_target(expanded, "srt", self.describe_url(url))
+        parts = urlsplit(expanded)
+        public, self._secret_options = [], {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key in SRT_SECRET_OPTIONS:
+                if "\n" in value or "\r" in value:
+                    raise ValueError(f"the SRT option {key} of {self.describe_url(url)!r} must be one line")
+                self._secret_options[key] = value
+            else:
+                public.append((key, value))
+        self._secrets += tuple(self._secret_options.values())
+        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(public), ""))
+        self._shown = self.describe_url(url)
         self._ffmpeg = ffmpeg
         self._process: Optional[subprocess.Popen] = None
         self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue()
@@ -412,13 +451,28 @@ class SrtOutput(Output):
         self._writer: Optional[threading.Thread] = None
         self.dropped = 0
 
+    @staticmethod
+    def describe_url(url: str) -> str:
+        """``url`` as it may be shown: credentials and secret options masked."""
+        return _SRT_SECRET_SETTING.sub(lambda match: f"{match.group(1)}=***", redact(url))
+
     def describe(self) -> str:
-        return re.sub(r"(passphrase=)[^&]*", r"\1***", self.url)
+        return self._shown
+
+    def _options_file(self) -> int:
+        """An in-memory file holding the secret options as ``-fpre`` reads them; -1 if none."""
+        if not self._secret_options:
+            return -1
+        fd = os.memfd_create("framebroker-srt-options")
+        os.write(fd, "".join(f"{key}={value}\n" for key, value in self._secret_options.items()).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
 
     def _start(self, info: StreamInfo) -> None:
         program = shutil.which(self._ffmpeg)
         if program is None:
             raise OutputError("srt:// output needs the ffmpeg program (with libsrt): apt-get install ffmpeg")
+        options_fd = self._options_file()
         argv = [
             program, "-hide_banner", "-loglevel", "error",
             # Start forwarding after a short look at the stream (it is ours: one H.264 stream).
@@ -426,19 +480,37 @@ class SrtOutput(Output):
             "-f", "mpegts", "-i", "pipe:0", "-map", "0", "-c", "copy",
             "-metadata", "service_provider=framebroker",
             "-metadata", f"service_name={info.stream} encoder={info.encoder}",
+            *(["-fpre", f"/dev/fd/{options_fd}"] if options_fd >= 0 else []),
             "-f", "mpegts", self.url,
         ]  # fmt: skip
         try:
             self._process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(options_fd,) if options_fd >= 0 else (),
+                start_new_session=True,
             )
         except OSError as exc:
             raise OutputError(f"cannot start ffmpeg for {self.describe()}: {exc}") from None
+        finally:
+            if options_fd >= 0:
+                os.close(options_fd)
         self._chunks = _Chunks()
-        self._muxer = TsMuxer(self._chunks, info)  # type: ignore[arg-type]
+        self._muxer = Muxer(self._chunks, info, "mpegts")  # type: ignore[arg-type]
         self._writer = threading.Thread(target=self._feed, name="srt-writer", daemon=True)
         self._writer.start()
-        keep_tail(self._process.stderr, self._stderr, "srt-stderr")  # type: ignore[union-attr,arg-type]
+        threading.Thread(target=self._keep_stderr, name="srt-stderr", daemon=True).start()
+
+    def _keep_stderr(self) -> None:
+        """The last lines ffmpeg prints (secrets masked), to tell why it ended."""
+        process = self._process
+        assert process is not None and process.stderr is not None
+        for raw in process.stderr:
+            line = raw.decode("utf-8", "replace").strip()
+            if line:
+                self._stderr.append(self.describe_url(redact(line, self._secrets)))
 
     def _feed(self) -> None:
         process = self._process
@@ -517,26 +589,34 @@ class SrtOutput(Output):
 
 
 def make_output(target: str, index: bool = False) -> Output:
-    """The output for ``-o``: udp://HOST:PORT, srt://HOST:PORT[?...] or a file path."""
+    """The output for ``-o``: udp://HOST:PORT, srt://HOST:PORT[?...] or a FILE.ts, .mp4 or .mkv
+    (ValueError for anything else)."""
     scheme = urlsplit(target).scheme if "://" in target else ""
     if scheme == "udp":
         return UdpOutput(target)
     if scheme == "srt":
         return SrtOutput(target)
     if scheme:
-        raise ValueError(f"-o {target!r}: unknown scheme {scheme}://; give a file path, udp://HOST:PORT or srt://HOST:PORT")
-    return FileOutput(target, index=index)
+        raise ValueError(
+            f"-o {redact(target)!r}: unknown scheme {scheme}://; give a file (.ts, .mp4, .mkv), udp://HOST:PORT or srt://HOST:PORT"
+        )
+    try:
+        return FileOutput(target, index=index)
+    except ValueError as exc:
+        raise ValueError(f"-o {exc}") from None
 
 
 __all__ = [
+    "CONTAINERS",
     "FileOutput",
     "Output",
     "OutputError",
     "SegmentedOutput",
     "SidecarIndex",
     "SrtOutput",
-    "TsMuxer",
+    "Muxer",
     "UdpOutput",
+    "container_for",
     "make_output",
     "segment_stamp",
 ]

@@ -10,10 +10,9 @@ a pre-roll buffer for event clips) attach to the router; nothing else sees packe
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import IO, TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from .outputs import Output
@@ -62,9 +61,7 @@ class StreamInfo:
     stream: str  # the framebroker stream recorded
     width: int
     height: int
-    fps: float  # nominal rate (the real timing is in each packet's PTS)
     encoder: str  # the encoder actually used, written into every file's metadata
-    hardware: bool
 
 
 class PacketRouter:
@@ -86,19 +83,7 @@ class PacketRouter:
         self._outputs: list["Output"] = []
         self._info: Optional[StreamInfo] = None
         self._closed = False
-        self.packets = 0
-        self.bytes = 0
-        self.frames = 0
-        self.last_pts: Optional[int] = None
-
-    @property
-    def info(self) -> Optional[StreamInfo]:
-        return self._info
-
-    @property
-    def outputs(self) -> list["Output"]:
-        with self._lock:
-            return list(self._outputs)
+        self.frames = 0  # frames delivered (for progress and status)
 
     def attach(self, output: "Output") -> None:
         with self._lock:
@@ -137,10 +122,7 @@ class PacketRouter:
         with self._lock:
             for output in self._outputs:
                 output.write(packet)
-            self.packets += 1
             self.frames += len(packet.frames)
-            self.bytes += len(packet.data)
-            self.last_pts = packet.pts
 
     def close(self) -> None:
         """Stop every output (each is stopped even if another fails; the first error is raised)."""
@@ -155,18 +137,3 @@ class PacketRouter:
                 error = error or exc
         if error is not None:
             raise error
-
-
-def keep_tail(stream: IO[bytes], lines: "deque[str]", name: str) -> threading.Thread:
-    """Collect the last lines a child process prints (``lines`` has a maxlen), in a thread of
-    its own, so its reason can be told when it fails (the encoders' and SRT children)."""
-
-    def run() -> None:
-        for raw in stream:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                lines.append(line)
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    return thread

@@ -87,7 +87,6 @@ class Stats:
         self.encoder = ""
         self.queue_depth = 0
         self.encode_seconds: deque[float] = deque(maxlen=2000)
-        self.started = time.monotonic()
 
     @property
     def recorded_seconds(self) -> float:
@@ -122,7 +121,7 @@ def draw_overlays(image: np.ndarray, text: Optional[str], wall_time: Optional[fl
     font = cv2.FONT_HERSHEY_SIMPLEX
 
     def put(label: str, right: bool) -> None:
-        (w, h), base = cv2.getTextSize(label, font, scale, thickness)
+        (w, _), base = cv2.getTextSize(label, font, scale, thickness)
         x = width - w - margin if right else margin
         y = height - margin - base
         # A dark outline keeps the label readable on any background.
@@ -185,7 +184,7 @@ class Recorder:
         for output in outputs:
             self.router.attach(output)
         self.output_label = output_label
-        self.extra_info = extra_info  # more key/values for status (the clip writer's buffer)
+        self.extra_info = extra_info  # more key/values for status (why software encodes, the clip buffer)
         self.stats = Stats()
         self.stats.encoder = encoder.name
         self.end_reason = ""
@@ -413,7 +412,7 @@ class Recorder:
             settings.width, settings.height, first.pixel_format, fps, bitrate,
             float(self.options.keyframe_interval), self.spec.name, self.spec.description,
         )  # fmt: skip
-        self.router.open(StreamInfo(self.reader.stream, settings.width, settings.height, fps, self.spec.name, self.spec.hardware))
+        self.router.open(StreamInfo(self.reader.stream, settings.width, settings.height, self.spec.name))
         return encoder
 
     def _conform(self, item: CapturedFrame) -> np.ndarray:

@@ -3,8 +3,9 @@
 ``ffmpeg -encoders`` lists ``h264_nvenc`` on machines with no NVIDIA GPU, and GStreamer registers
 elements whose hardware is absent, so each candidate is asked to encode a few small test frames
 (``probe_encoder``) within a time limit. ``auto`` takes the first candidate of ``AUTO_ORDER`` that
-passes; when only software x264 is left it warns loudly. A named encoder that fails its probe is an
-``fb.EncoderError`` that says why.
+passes; when only software x264 is left it warns in one loud line (each candidate's reason is
+logged at debug level, and ``Selection.fallback_reason`` goes into ``framebroker status``). A named
+encoder that fails its probe is an ``fb.EncoderError`` that says why.
 
 ``select_encoder`` takes the probe as a parameter, so tests can simulate any machine.
 """
@@ -78,18 +79,16 @@ class Selection:
     fallback: bool = False  # auto found no hardware encoder and fell back to software x264
 
     @property
+    def fallback_reason(self) -> str:
+        """Why software was chosen, in a few words (for status); "" when it was not a fallback."""
+        return f"no hardware encoder works ({len(self.tried)} tried)" if self.fallback else ""
+
+    @property
     def warning(self) -> str:
+        """One short, loud line; each candidate's reason is logged at debug level."""
         if not self.fallback:
             return ""
-        tried = "; ".join(f"{name}: {reason}" for name, reason in self.tried)
-        return (
-            "!!! NO HARDWARE H.264 ENCODER WORKS ON THIS MACHINE: recording with SOFTWARE x264 (libx264), "
-            f"which costs CPU time the cameras' other readers may need. Tried: {tried}"
-        )
-
-
-def encoder_names() -> list[str]:
-    return ["auto", *ENCODERS]
+        return f"!!! SOFTWARE H.264 ({self.spec.name}): {self.fallback_reason}; it costs CPU. Reasons: --log-level debug"
 
 
 def select_encoder(requested: str = "auto", probe: Probe = probe_encoder, order: tuple[str, ...] = AUTO_ORDER) -> Selection:

@@ -2,7 +2,9 @@
 
 ``parse_source(uri)`` validates a URI (``ValueError`` naming the problem); ``make_source``
 builds the reader for it. Kinds: ``test://`` (synthetic), files, V4L2/USB cameras (OpenCV),
-``csi://``, ``rtsp://`` and ``gst://`` (GStreamer through ``gst-launch-1.0``).
+``csi://``, ``rtsp://`` and ``gst://`` (GStreamer, in a ``framebroker.gstreamer`` child).
+``${NAME}`` in rtsp:// and gst:// URIs reads the environment variable NAME (``expand_env``), so
+credentials need not be on any command line; ``redact`` hides them in text that is shown.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from ._base import GeometryChanged, Source
 from ._gstreamer import CsiSource, GstSource, RtspSource
 from ._opencv import FileSource, V4L2Source
 from ._synthetic import TestPatternSource
-from ._uri import SourceSpec, parse_source, redact
+from .._redact import redact
+from ._uri import SourceSpec, expand_env, parse_source, url_escape
 
 _KINDS: dict[str, type[Source]] = {
     "test": TestPatternSource,
@@ -48,4 +51,4 @@ def make_source(
     )
 
 
-__all__ = ["GeometryChanged", "Source", "SourceSpec", "make_source", "parse_source", "redact"]
+__all__ = ["GeometryChanged", "Source", "SourceSpec", "expand_env", "make_source", "parse_source", "redact", "url_escape"]

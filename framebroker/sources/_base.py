@@ -33,7 +33,6 @@ class Source:
     blocking waits must watch it.
     """
 
-    finite = False  # True for sources that end (a file without ?loop=1)
     # False for sources that make every frame themselves on a schedule (test://, files): a late
     # frame from them is late, not lost, so gaps between their timestamps are not drops.
     may_drop_frames = True

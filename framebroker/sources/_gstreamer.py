@@ -1,10 +1,11 @@
-"""Sources that run a GStreamer pipeline in a ``gst-launch-1.0`` child and read raw frames from a pipe.
+"""Sources that run a GStreamer pipeline in a child process and read raw frames from a pipe.
 
 Used for ``csi://`` (Jetson's nvarguscamerasrc), ``rtsp://`` and ``gst://``. The opencv-python
-wheels carry no GStreamer and PyGObject does not build from PyPI on Debian 12, while
-``gst-launch-1.0`` needs neither: the child writes raw BGR/RGB/GRAY8 frames to a pipe we read
-straight into the ring slot, and prints the negotiated caps (``-v``) on its stdout, from which
-the frame size is taken.
+wheels carry no GStreamer and PyGObject does not build from PyPI on Debian 12; the pipeline runs
+in a ``framebroker.gstreamer.GstProcess`` child instead, which writes raw BGR/RGB/GRAY8 frames
+to a pipe we read straight into the ring slot and reports the negotiated caps of our sink, from
+which the frame size is taken. Nothing of the pipeline is on that child's command line, so an
+RTSP password is not either.
 
 Frames are stamped when their last byte arrives, which trails the true capture by the
 pipeline's latency (decoding, jitter buffer): raw frames on a pipe carry no timestamps.
@@ -13,77 +14,41 @@ pipeline's latency (decoding, jitter buffer): raw frames on a pipe carry no time
 from __future__ import annotations
 
 import os
-import re
 import select
 import shlex
-import shutil
-import signal
-import subprocess
 import threading
 import time
-from collections import deque
 from typing import Any, Optional
 
 import numpy as np
 
 from .._errors import SourceEnded, SourceError
+from ..gstreamer import GstProcess, element_available
 from ._base import Source
-from ._uri import redact
 
-GST_LAUNCH = "gst-launch-1.0"
-# Caps line that gst-launch -v prints when our sink's pad negotiates.
-_CAPS_RE = re.compile(r"GstFdSink:fbsink\.GstPad:sink: caps = (?P<caps>video/x-raw.*)")
+SINK = "fbsink"  # the name of our fdsink, whose caps give the frame size
+RTSP_ELEMENT = "fbsrc"  # the name of rtspsrc, whose URL and credentials are set as properties
 _GST_FORMATS = {"bgr": ("BGR", 3), "rgb": ("RGB", 3), "gray": ("GRAY8", 1)}
 OPEN_TIMEOUT = 20.0  # seconds to wait for the first caps (RTSP servers can be slow to answer)
 STALL_TIMEOUT = 5.0  # seconds without a byte before the pipeline is declared stuck
 
 
-def gst_quote(value: str) -> str:
-    """Quote a property value in a description; ``open()`` splits it like a shell would, and
-    gst-launch then escapes each argument, so the value reaches the element verbatim."""
-    return shlex.quote(value)
-
-
-def element_available(name: str) -> bool:
-    """True if GStreamer on this machine has the element ``name``."""
-    inspect = shutil.which("gst-inspect-1.0")
-    if inspect is None:
-        return False
-    result = subprocess.run([inspect, "--exists", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return result.returncode == 0
-
-
-def parse_caps(caps: str) -> dict[str, Any]:
-    """Fields of a raw-video caps string: format, width, height, framerate (as float)."""
-    fields: dict[str, Any] = {}
-    for match in re.finditer(r"(\w[\w-]*)=\((\w+)\)([^,]+)", caps):
-        key, kind, value = match.group(1), match.group(2), match.group(3).strip()
-        if kind == "int":
-            fields[key] = int(value)
-        elif kind == "fraction":
-            num, _, den = value.partition("/")
-            fields[key] = float(num) / float(den) if float(den or 0) else 0.0
-        else:
-            fields[key] = value
-    return fields
-
-
 class GstPipeSource(Source):
     """Base for pipeline sources; subclasses build the head of the pipeline."""
 
-    default_size = (480, 640)
-    _process: Optional[subprocess.Popen] = None
+    _process: Optional[GstProcess] = None
     _pipe: int = -1
+    _renegotiated = False
 
     def pipeline_head(self) -> str:
         raise NotImplementedError
 
+    def properties(self) -> dict[str, dict[str, str]]:
+        """String properties of named elements, set in the child after parsing (credentials)."""
+        return {}
+
     def check_available(self) -> None:
-        if shutil.which(GST_LAUNCH) is None:
-            raise SourceError(
-                f"{self.description} needs GStreamer's {GST_LAUNCH}: install gstreamer1.0-tools and the plugins "
-                "(apt-get install gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good)"
-            )
+        """Raise SourceError if something this source needs is missing (before starting it)."""
 
     def pipeline(self) -> str:
         """The full description: head, conversion to the ring's format and size, our sink."""
@@ -96,32 +61,31 @@ class GstPipeSource(Source):
         if self.requested_fps:
             tail.append("videorate")
             caps.append(f"framerate={_fraction(self.requested_fps)}")
-        return f"{self.pipeline_head()} ! {' ! '.join(tail)} ! {','.join(caps)} ! fdsink name=fbsink fd={{fd}} sync=false"
+        return f"{self.pipeline_head()} ! {' ! '.join(tail)} ! {','.join(caps)} ! fdsink name={SINK} fd={{fd}} sync=false"
 
     def open(self) -> None:
         self.check_available()
         read_end, write_end = os.pipe()
         description = self.pipeline().replace("{fd}", str(write_end))
-        self._stderr_tail: deque[str] = deque(maxlen=20)
         self._caps: Optional[dict[str, Any]] = None
         self._caps_event = threading.Event()
         try:
-            self._process = subprocess.Popen(
-                [GST_LAUNCH, "-v", "-e", *shlex.split(description)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+            self._process = GstProcess(
+                # The description is split like a shell would, as gst-launch-1.0 gets it.
+                shlex.split(description),
+                name=f"{self.spec.kind} source",
+                properties=self.properties(),
+                caps_of=SINK,
+                on_caps=self._caps_arrived,
                 pass_fds=(write_end,),
-                start_new_session=True,  # a Ctrl-C in the terminal is ours to handle, not the child's
+                secrets=self.spec.secrets,
             )
         except OSError as exc:
             os.close(read_end)
+            raise SourceError(f"{self.description}: cannot start the GStreamer child: {exc}") from None
+        finally:
             os.close(write_end)
-            raise SourceError(f"cannot start {GST_LAUNCH}: {exc}") from None
-        os.close(write_end)
         self._pipe = read_end
-        threading.Thread(target=self._watch_stdout, daemon=True, name="gst-stdout").start()
-        threading.Thread(target=self._watch_stderr, daemon=True, name="gst-stderr").start()
         deadline = time.monotonic() + OPEN_TIMEOUT
         while not self._caps_event.wait(0.1):
             if self.stop.is_set():
@@ -147,50 +111,21 @@ class GstPipeSource(Source):
         self._stride = (row + 3) & ~3
         self._scratch = None if self._stride == row else np.empty((height, self._stride), np.uint8)
 
-    def _watch_stdout(self) -> None:
-        process = self._process
-        assert process is not None and process.stdout is not None
-        for raw in process.stdout:
-            match = _CAPS_RE.search(raw.decode("utf-8", "replace"))
-            if match:
-                caps = parse_caps(match.group("caps"))
-                if self._caps is not None and (caps.get("width"), caps.get("height")) != (
-                    self._caps.get("width"),
-                    self._caps.get("height"),
-                ):
-                    self._renegotiated = True
-                self._caps = caps
-                self._caps_event.set()
-
-    def _watch_stderr(self) -> None:
-        process = self._process
-        assert process is not None and process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                self._stderr_tail.append(redact(line))
+    def _caps_arrived(self, caps: dict[str, Any]) -> None:
+        previous = self._caps
+        if previous is not None and (caps.get("width"), caps.get("height")) != (previous.get("width"), previous.get("height")):
+            self._renegotiated = True
+        self._caps = caps
+        self._caps_event.set()
 
     def _failure(self) -> str:
         """A one-line reason from what the pipeline printed before it ended."""
-        lines = list(self._stderr_tail)
-        detail = ""
-        for index, line in enumerate(lines):
-            if line.startswith("ERROR: from element"):
-                # "ERROR: from element /GstPipeline:pipeline0/GstRTSPSrc:rtspsrc0: Unauthorized"
-                detail = line.rsplit(": ", 1)[-1]
-                debug = [entry for entry in lines[index + 2 : index + 4] if not entry.endswith(":") and "(" in entry]
-                if debug and debug[-1] not in detail:
-                    detail += f" ({debug[-1]})"
-                break
-        else:
-            errors = [line for line in lines if line.startswith(("ERROR", "WARNING"))]
-            detail = errors[0] if errors else ""
-        code = self._process.returncode if self._process is not None else None
+        process = self._process
+        detail = process.error() if process is not None else ""
+        code = process.returncode if process is not None else None
         if not detail and code == 0:
             detail = "the source ended the stream (end of stream)"
-        return redact(f"{self.description}: pipeline stopped (exit {code})" + (f": {detail}" if detail else ""))
-
-    _renegotiated = False
+        return f"{self.description}: pipeline stopped (exit {code})" + (f": {detail}" if detail else "")
 
     def read_into(self, out: np.ndarray) -> Optional[int]:
         if self._renegotiated:
@@ -210,12 +145,8 @@ class GstPipeSource(Source):
                 continue
             count = os.readv(self._pipe, [view[filled:]])
             if count == 0:
-                process = self._process
-                if process is not None:
-                    try:
-                        process.wait(timeout=2)
-                    except subprocess.TimeoutExpired:
-                        pass
+                if self._process is not None:
+                    self._process.wait(timeout=2)
                 if self._ends_cleanly():
                     raise SourceEnded(f"{self.description}: end of stream")
                 raise SourceError(self._failure())
@@ -233,16 +164,8 @@ class GstPipeSource(Source):
 
     def close(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=3)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
+        if process is not None:
+            process.stop()
         if self._pipe >= 0:
             os.close(self._pipe)
             self._pipe = -1
@@ -268,25 +191,29 @@ class GstSource(GstPipeSource):
 class RtspSource(GstPipeSource):
     """``rtsp://[user:pass@]host[:port]/path[?latency=200&transport=tcp]`` through rtspsrc.
 
-    Credentials go to rtspsrc's user-id/user-pw properties, never into the URL we print. They
-    are on the gst-launch command line, which /proc shows to the same user and root (and to
-    other users unless /proc is mounted with hidepid).
+    The URL (without credentials) and the credentials go to rtspsrc's location, user-id and
+    user-pw properties, which the GStreamer child receives privately (see
+    ``framebroker.gstreamer``): they are on no command line and in no message we print.
     """
 
     def pipeline_head(self) -> str:
         spec = self.spec
         latency = int(spec.options.get("latency", 200))
         protocols = spec.options.get("transport", "tcp")
-        parts = [f"rtspsrc location={gst_quote(spec.target)} latency={latency} protocols={protocols}"]
-        if spec.username:
-            parts.append(f"user-id={gst_quote(spec.username)}")
-        if spec.password:
-            parts.append(f"user-pw={gst_quote(spec.password)}")
-        head = " ".join(parts) + " ! decodebin"
+        head = f"rtspsrc name={RTSP_ELEMENT} latency={latency} protocols={protocols} ! decodebin"
         if _on_jetson():
             # Jetson's decoder hands out NVMM buffers; nvvidconv brings them to system memory.
             head += " ! nvvidconv ! video/x-raw,format=BGRx"
         return head
+
+    def properties(self) -> dict[str, dict[str, str]]:
+        spec = self.spec
+        values = {"location": spec.target}
+        if spec.username:
+            values["user-id"] = spec.username
+        if spec.password:
+            values["user-pw"] = spec.password
+        return {RTSP_ELEMENT: values}
 
 
 class CsiSource(GstPipeSource):
@@ -295,7 +222,6 @@ class CsiSource(GstPipeSource):
     default_size = (720, 1280)
 
     def check_available(self) -> None:
-        super().check_available()
         if not element_available("nvarguscamerasrc"):
             raise SourceError(
                 f"{self.description} needs NVIDIA's nvarguscamerasrc (a Jetson with JetPack); "

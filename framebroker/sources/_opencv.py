@@ -54,7 +54,6 @@ class FileSource(_OpenCVSource):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loop = self.spec.options.get("loop", "0") not in ("0", "", "false", "no")
-        self.finite = not self.loop
         self._native_shape: tuple[int, ...] = ()
 
     def open(self) -> None:

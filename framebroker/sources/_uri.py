@@ -1,4 +1,12 @@
-"""Parsing source URIs (the jetson-utils convention) and hiding credentials in them."""
+"""Parsing source URIs (the jetson-utils convention), credentials in them, and hiding those.
+
+Credentials on a command line are public: every local user reads every process's arguments in
+/proc/PID/cmdline. So ``${NAME}`` in an ``rtsp://`` or ``gst://`` source (and in the recorder's
+``srt://`` outputs) stands for the environment variable NAME, which only the same user and root
+can read (/proc/PID/environ is private), and which systemd fills from an ``EnvironmentFile=``:
+
+    CAM_PASSWORD=... framebroker serve 'rtsp://admin:${CAM_PASSWORD}@192.168.1.20/stream1'
+"""
 
 from __future__ import annotations
 
@@ -6,15 +14,18 @@ import difflib
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from .._errors import SourceError
+from .._redact import redact
 
 SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://")
 _SCHEME_NAMES = tuple(scheme[: -len("://")] for scheme in SCHEMES)
 # "word:" at the start, and the slashes after it: how a URI with a mistyped scheme begins.
 _SCHEME_LIKE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<slashes>/*)")
+
 _HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path or gst://PIPELINE"
 
 # Query options each kind understands. RTSP URLs may carry the camera's own query parameters,
@@ -29,9 +40,14 @@ OPTIONS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SourceSpec:
-    """A parsed source URI. ``target`` is the path, device, sensor, URL or pipeline."""
+    """A parsed source URI. ``target`` is the path, device, sensor, URL or pipeline.
+
+    Only ``display`` may be printed: ``repr()`` shows it, never the target (a gst:// pipeline
+    may hold credentials), the user name, the password or ``secrets`` (those three plus the
+    values of the ``${NAME}`` variables the URI named).
+    """
 
     kind: str
     target: str
@@ -39,14 +55,40 @@ class SourceSpec:
     username: str = ""
     password: str = ""
     display: str = ""  # the URI with credentials removed: the only form that may be printed
+    secrets: tuple = ()  # strings to mask in anything shown about this source
+
+    def __repr__(self) -> str:
+        return f"SourceSpec(kind={self.kind!r}, display={self.display!r}, options={self.options!r})"
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def redact(text: str) -> str:
-    """Replace ``user:password@`` in every URL inside ``text`` by ``***@``."""
-    return _USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
+def expand_env(
+    text: str, escape: Callable[[str], str] = str, environ: Optional[Mapping[str, str]] = None
+) -> tuple[str, tuple[str, ...]]:
+    """``text`` with each ``${NAME}`` replaced by ``escape(value)`` of the environment variable
+    NAME, and the values put in, raw and escaped (to mask them wherever the text is shown).
+    ``escape`` fits the value into its context: ``url_escape`` in a URL, ``shlex.quote`` in a
+    pipeline. ``ValueError`` names a variable that is not set. Nothing else is expanded: ``$NAME``
+    stays as it is (passwords may contain $)."""
+    environ = os.environ if environ is None else environ
+    values: list[str] = []
+
+    def value_of(match: "re.Match[str]") -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ValueError(f"environment variable {name} is not set ({redact(text)!r} names it as ${{{name}}})")
+        escaped = escape(environ[name])
+        values.extend((environ[name], escaped) if escaped != environ[name] else (escaped,))
+        return escaped
+
+    return _ENV_REFERENCE.sub(value_of, text), tuple(values)
+
+
+def url_escape(value: str) -> str:
+    """A value as it must be written in a URL (percent-encoded), for ``expand_env``."""
+    return quote(value, safe="")
 
 
 def _options(kind: str, query: str, uri_for_errors: str) -> dict:
@@ -90,14 +132,14 @@ def parse_source(uri: object) -> SourceSpec:
             raise ValueError(f"test:// takes no path, got {text!r}; size and rate come from --width --height --fps")
         return SourceSpec("test", "", _options("test", query, text), display="test://")
     if lower.startswith("gst://"):
-        pipeline = text[len("gst://") :].strip()
+        pipeline, secrets = expand_env(text[len("gst://") :].strip(), shlex.quote)
         if not pipeline:
             raise ValueError("gst:// needs a pipeline that produces raw video, e.g. gst://videotestsrc pattern=ball")
         try:
             shlex.split(pipeline)
         except ValueError as exc:
             raise ValueError(f"malformed gst:// pipeline ({exc}): quote values as you would in a shell") from None
-        return SourceSpec("gst", pipeline, {}, display=redact(text))
+        return SourceSpec("gst", pipeline, {}, display=redact(text), secrets=secrets)
     if lower.startswith("csi://"):
         rest, _, query = text[len("csi://") :].partition("?")
         if not rest.isdigit() or int(rest) > 15:
@@ -187,7 +229,22 @@ def check_file_exists(spec: SourceSpec) -> None:
         )
 
 
-def _parse_rtsp(text: str) -> SourceSpec:
+def _parse_rtsp(raw: str) -> SourceSpec:
+    text, values = expand_env(raw, url_escape)
+    try:
+        spec = _rtsp_spec(text)
+    except ValueError as exc:
+        raise ValueError(redact(str(exc), values)) from None
+    display = spec.display
+    if values:  # show the URI as written, ${NAME} and all, rather than the values
+        try:
+            display = _rtsp_spec(raw).display
+        except ValueError:
+            display = redact(raw, values)
+    return replace(spec, display=redact(display), secrets=tuple(s for s in (spec.password, *values) if s))
+
+
+def _rtsp_spec(text: str) -> SourceSpec:
     try:
         parts = urlsplit(text)
         port = parts.port

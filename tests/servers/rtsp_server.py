@@ -2,10 +2,13 @@
 
 Runs under Debian's own python3 with python3-gi (PyGObject does not build from PyPI there):
     /usr/bin/python3 tests/servers/rtsp_server.py PORT [--user U --password P] [--width W --height H]
-Prints "ready rtsp://127.0.0.1:PORT/test" when it listens; SIGTERM stops it.
+``--user-env NAME`` and ``--password-env NAME`` take them from environment variables instead, off
+the command line (for the test that looks at every process's command line). Prints
+"ready rtsp://127.0.0.1:PORT/test" when it listens; SIGTERM stops it.
 """
 
 import argparse
+import os
 import signal
 import sys
 
@@ -21,10 +24,16 @@ def main():
     parser.add_argument("port", type=int)
     parser.add_argument("--user")
     parser.add_argument("--password")
+    parser.add_argument("--user-env", metavar="NAME")
+    parser.add_argument("--password-env", metavar="NAME")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--fps", type=int, default=15)
     args = parser.parse_args()
+    if args.user_env:
+        args.user = os.environ[args.user_env]
+    if args.password_env:
+        args.password = os.environ[args.password_env]
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
     server.set_address("127.0.0.1")
