@@ -30,7 +30,7 @@ import framebroker as fb
 from framebroker import testpattern
 from framebroker._process import framebroker_command
 from framebroker._status import describe_stream
-from framebroker.clients.recorder.encoders import AUTO_ORDER
+from framebroker_clients.recorder.encoders import AUTO_ORDER
 
 from conftest import wait_until
 
