@@ -23,6 +23,8 @@ from ._errors import (
     FrameReleased,
     FrameTimeout,
     IncompatibleSegment,
+    ModelNotFound,
+    ResultExpired,
     ShmSpaceError,
     SourceEnded,
     SourceError,
@@ -30,8 +32,10 @@ from ._errors import (
     StreamNotFound,
     TriggerError,
 )
+from ._frame import Frame
 from ._publisher import Publisher, SlotWriter
-from ._reader import Frame, Reader
+from ._reader import Reader
+from ._results import Result, ResultReader, ResultWriter, models
 from ._status import collect as _collect
 from ._trigger import Trigger, TriggerInbox, trigger
 
@@ -57,8 +61,13 @@ __all__ = [
     "FrameReleased",
     "FrameTimeout",
     "IncompatibleSegment",
+    "ModelNotFound",
     "Publisher",
     "Reader",
+    "Result",
+    "ResultExpired",
+    "ResultReader",
+    "ResultWriter",
     "ShmSpaceError",
     "SlotWriter",
     "SourceEnded",
@@ -69,6 +78,7 @@ __all__ = [
     "TriggerError",
     "TriggerInbox",
     "__version__",
+    "models",
     "status",
     "trigger",
 ]

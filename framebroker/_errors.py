@@ -5,7 +5,9 @@ caller can catch them all at once::
 
     FrameBrokerError
     ├── StreamNotFound          nothing serves the stream name (no daemon, or it stopped)
-    ├── StreamBusy              a live daemon already owns the stream; names its pid
+    ├── ModelNotFound           no writer publishes that model's results on the stream
+    ├── StreamBusy              a live daemon already owns the stream (or a live writer the
+    │                           model's results); names its pid
     ├── IncompatibleSegment     /dev/shm holds something under the stream's name that is not
     │                           a framebroker ring we can trust (foreign magic, other layout
     │                           version, truncated, owned by someone else)
@@ -14,6 +16,8 @@ caller can catch them all at once::
     ├── CapacityError           a reader asks to hold more frames than the ring has slots for
     ├── FrameTimeout            no frame within the timeout (also TimeoutError); "nothing yet",
     │                           never a failure of the stream itself
+    ├── ResultExpired           a result asked for by seq is older than the results kept
+    │                           (also LookupError)
     ├── FrameReleased           a Frame was used after it was released
     ├── ClosedError             a Reader or Publisher was used after close()
     ├── SourceError             a camera source could not be opened or stopped delivering
@@ -36,6 +40,8 @@ __all__ = [
     "FrameReleased",
     "FrameTimeout",
     "IncompatibleSegment",
+    "ModelNotFound",
+    "ResultExpired",
     "ShmSpaceError",
     "SourceEnded",
     "SourceError",
@@ -51,6 +57,14 @@ class FrameBrokerError(Exception):
 
 class StreamNotFound(FrameBrokerError):
     """Nothing serves the requested stream name."""
+
+
+class ModelNotFound(FrameBrokerError):
+    """The stream is served, but no writer publishes the requested model's results on it."""
+
+
+class ResultExpired(FrameBrokerError, LookupError):
+    """A result was asked for by seq after it left the results ring (it keeps the newest few)."""
 
 
 class StreamBusy(FrameBrokerError):

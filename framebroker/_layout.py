@@ -2,6 +2,9 @@
 
 A stream ``NAME`` lives in one POSIX shared-memory object, ``/dev/shm/framebroker.NAME``,
 plus one wake-up semaphore per reader-table entry, ``/dev/shm/sem.framebroker.NAME@EPOCH.wI``.
+A model's results on that stream are a ring of the same layout whose slots hold records
+instead of frames: ``/dev/shm/framebroker.NAME@res.MODEL`` (``_results.py``). The protocol and
+this layout serve both; a *ring name* is a stream name or ``STREAM@res.MODEL``.
 Everything is little-endian (x86_64 and aarch64 both are) and laid out as::
 
     offset 0            header            static geometry, then the daemon's live fields
@@ -107,17 +110,34 @@ class ReaderMode:
     NAMES = {IDLE: "idle", LIVE: "live", NEXT: "next", ORDERED: "ordered"}
 
 
-def validate_stream_name(name: object) -> str:
-    """Return ``name`` if it is a valid stream name, else raise TypeError/ValueError."""
+def _validate_name(name: object, what: str, example: str) -> str:
     if not isinstance(name, str):
-        raise TypeError(f"stream name must be a str, not {type(name).__name__}")
+        raise TypeError(f"{what} name must be a str, not {type(name).__name__}")
     if not STREAM_NAME_RE.fullmatch(name) or set(name) == {"."}:
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise ValueError(
-            f"invalid stream name {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
-            "(not only dots), for example 'cam0'"
+            f"invalid {what} name {shown!r}: use 1-64 characters from A-Z a-z 0-9 _ . - "
+            f"(not only dots), for example {example!r}"
         )
     return name
+
+
+def validate_stream_name(name: object) -> str:
+    """Return ``name`` if it is a valid stream name, else raise TypeError/ValueError."""
+    return _validate_name(name, "stream", "cam0")
+
+
+RESULTS_INFIX = f"{OBJECT_SEPARATOR}res."
+
+
+def validate_model_name(name: object) -> str:
+    """Return ``name`` if it is a valid model name (the rules of stream names)."""
+    return _validate_name(name, "model", "faces")
+
+
+def results_ring_name(stream: str, model: str) -> str:
+    """The ring name of ``model``'s results on ``stream`` (both already validated)."""
+    return f"{stream}{RESULTS_INFIX}{model}"
 
 
 def segment_path(stream: str) -> str:
@@ -151,13 +171,13 @@ def _align(value: int, alignment: int) -> int:
 # --- header -------------------------------------------------------------------------------------
 
 # Static part, written once before the segment becomes visible under its name.
-STATIC = struct.Struct("<8sIIQiIdQIIQQQQIIQQQ64s")
+STATIC = struct.Struct("<8sIIQiIdQIIQQQQIIQQQ136s")  # 256 bytes; the name fits STREAM@res.MODEL
 # magic, version, header_size, epoch, owner_pid, owner_uid, created_wall, created_mono_ns,
 # slot_count, table_size, slot_stride, slot_capacity, meta_offset, map_offset, map_size,
 # page_alignment, table_offset, data_offset, total_size, name
 
 # Live part: one writer (the producer); everyone else reads it without locks.
-LIVE_OFFSET = 256
+LIVE_OFFSET = 320
 # What a reader reads on every call, in one go: newest_seq, the slot it is in, the stream state.
 HEAD = struct.Struct("<QII")
 NEWEST_SEQ = struct.Struct("<Q")

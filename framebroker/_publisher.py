@@ -7,7 +7,7 @@ import math
 import os
 import time
 from types import TracebackType
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import posix_ipc
@@ -167,10 +167,26 @@ class Publisher:
         source: str = "",
         capacity: Optional[int] = None,
     ) -> None:
-        self._stream = validate_stream_name(stream)
+        self._open(validate_stream_name(stream), shape, fps, format, slots, resolve_group(group), source, capacity, {})
+
+    def _open(
+        self,
+        ring: str,
+        shape: Sequence[int],
+        fps: float,
+        format: Optional[str],
+        slots: int,
+        gid: Optional[int],
+        source: str,
+        capacity: Optional[int],
+        extra: Dict[str, Any],
+    ) -> None:
+        """Make the ring ``ring`` (a stream's, or a results ring: see ``_results.py``), with
+        ``extra`` in its header from the start (status shows it)."""
+        self._stream = ring
         dims, code = check_shape(shape, format)
         self._fps = check_fps(fps)
-        self._gid = resolve_group(group)
+        self._gid = gid
         self._slots = slots
         self._source = source
         frame_bytes = int(np.prod(dims))
@@ -181,11 +197,12 @@ class Publisher:
         if capacity < frame_bytes:
             raise ValueError(f"capacity {capacity} is smaller than one {_describe(dims, code)} frame ({frame_bytes} bytes)")
         self._seq = 0
+        self._published = 0  # frames (or records) committed; seq counts captures
         self._publisher_drops = 0
         self._source_drops = 0
         self._reconnects = 0
         self._source_errors = 0
-        self._extra: dict[str, Any] = {}
+        self._extra = dict(extra)
         self._stream_state = StreamState.STARTING
         self._reason = ""
         self._create(capacity, None, dims, code)
@@ -222,7 +239,7 @@ class Publisher:
         self._wake_list: List[posix_ipc.Semaphore] = []
         self._ordered_entries: List[int] = []
         self._changes_seen = b""
-        self._rate_mark = (time.monotonic(), self._seq)
+        self._rate_mark = (time.monotonic(), self._published)
         self._measured_fps = 0.0
         self._housekeeping()
         self._write_geometry()
@@ -370,9 +387,14 @@ class Publisher:
             self._rebuild_views()
             self._write_geometry()
             return
+        self._replace_segment(needed, dims, code)
+
+    def _replace_segment(self, capacity: int, shape: Tuple[int, ...], code: int) -> None:
+        """Move to a new segment under the same name (larger frames, or a results ring that
+        follows a new daemon); readers of the old one move by themselves (state ``replaced``)."""
         old_segment, old_semaphores = self._segment, self._semaphores
         assert old_segment is not None
-        self._create(needed, old_segment, dims, code)
+        self._create(capacity, old_segment, shape, code)
         # Tell readers of the old segment to move: mark it, wake them, then let it go.
         STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
@@ -424,14 +446,17 @@ class Publisher:
         """Give a claimed slot back unwritten (the write failed): keep it for the next frame."""
         self._next_slot = slot
 
-    def _commit(self, slot: int, timestamp_ns: int) -> int:
+    def _commit(self, slot: int, timestamp_ns: int, seq: int = 0, wall: float = 0.0, geometry: Optional[tuple] = None) -> int:
+        """Publish the slot written: frame ``self.seq + 1`` by default; a results ring gives the
+        frame's own ``seq`` and ``wall`` time, and the record's ``geometry`` (see _results.py)."""
         # The frame path: few calls on purpose (after a frame period of idling each one runs cold).
-        seq = self._seq + 1
+        if not seq:
+            seq = self._seq + 1
+            # The capture instant on the wall clock (offset refreshed by _housekeeping), so
+            # wall_time and timestamp_ns name the same moment.
+            wall = timestamp_ns / 1e9 + self._wall_offset
         control = self._control
-        # The capture instant on the wall clock (offset refreshed by _housekeeping), so wall_time
-        # and timestamp_ns name the same moment.
-        wall = timestamp_ns / 1e9 + self._wall_offset
-        _pack_meta(control, self._meta_offsets[slot], seq, timestamp_ns, wall, *self._meta_geometry)
+        _pack_meta(control, self._meta_offsets[slot], seq, timestamp_ns, wall, *(geometry or self._meta_geometry))
         # The unlock is the publishing barrier (see "What orders the frame bytes" in _ring.py).
         self._locks.unlock(LOCK_SLOT_BASE + slot)
         _pack_map(control, self._map_offset + (seq & self._map_mask) * 4, slot)
@@ -447,13 +472,14 @@ class Publisher:
             if sem.value < MAX_PENDING_WAKES:
                 sem.release()
         self._seq = seq
+        self._published += 1
         self._slot_seq[slot] = seq
         self._newest_slot = slot
         recency = self._recency
         if recency[0] != slot:
             recency.remove(slot)
             recency.insert(0, slot)
-        if timestamp_ns >= self._housekeeping_due_ns or seq >= self._housekeeping_due_seq:
+        if timestamp_ns >= self._housekeeping_due_ns or self._published >= self._housekeeping_due_count:
             self._housekeeping(timestamp_ns)
         # Lock the slot for the next frame now, while everything is in cache: after a frame period
         # of idling the same system call costs ten times as much. Readers that wait for the next
@@ -466,13 +492,13 @@ class Publisher:
         times, or every HOUSEKEEPING_FRAMES frames), recheck who is attached, measure the rate,
         publish the slow counters and re-read the wall clock's offset."""
         self._housekeeping_due_ns = timestamp_ns + HOUSEKEEPING_NS
-        self._housekeeping_due_seq = self._seq + HOUSEKEEPING_FRAMES
+        self._housekeeping_due_count = self._published + HOUSEKEEPING_FRAMES
         self._refresh_readers()
         now = time.monotonic()
-        mark_time, mark_seq = self._rate_mark
+        mark_time, mark_count = self._rate_mark
         if now - mark_time >= 1.0:
-            self._measured_fps = (self._seq - mark_seq) / (now - mark_time)
-            self._rate_mark = (now, self._seq)
+            self._measured_fps = (self._published - mark_count) / (now - mark_time)
+            self._rate_mark = (now, self._published)
         self._wall_offset = time.time() - time.monotonic_ns() / 1e9
         self._write_counters()
 

@@ -103,9 +103,17 @@ class Reader:
     _attachment: Optional[Attachment] = None
     _inbox: "Optional[TriggerInbox]" = None
     _state = Lifecycle.CLOSED
+    # Words for messages; a results ring's reader (``_results.py``) says "result" and "writer".
+    _NOUN = "frame"
+    _PRODUCER = "daemon"
 
     def __init__(self, stream: str, name: Optional[str] = None, *, hold: int = 1, wait: float = 0.0) -> None:
-        self._stream = validate_stream_name(stream)
+        self._open(validate_stream_name(stream), f"stream {stream!r}", name, hold, wait)
+
+    def _open(self, ring: str, subject: str, name: Optional[str], hold: int, wait: float) -> None:
+        """Attach to the ring ``ring`` (a stream's, or a results ring), ``subject`` in messages."""
+        self._stream = ring
+        self._subject = subject
         if name is None:
             name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
         if not isinstance(name, str):
@@ -160,7 +168,7 @@ class Reader:
             return False
         if old is not None:
             old.detach(clear_entry=False)
-        log.info("reader %r: stream %r has a new daemon (pid %d); re-attached", self._name, self._stream, new.segment.header.owner_pid)
+        log.info("reader %r: %s has a new %s (pid %d); re-attached", self._name, self._subject, self._PRODUCER, new.segment.header.owner_pid)
         self._attachment = new
         self._last_seq = 0
         self._orphaned = False
@@ -212,7 +220,7 @@ class Reader:
     def _current(self) -> Attachment:
         attachment = self._attachment
         if self._state is not Lifecycle.OPEN or attachment is None:
-            raise ClosedError(f"Reader of stream {self._stream!r} is closed")
+            raise ClosedError(f"Reader of {self._subject} is closed")
         return attachment
 
     # --- public properties --------------------------------------------------------------------------
@@ -273,7 +281,7 @@ class Reader:
         attachment = self._current()
         if self._inbox is not None:
             raise ValueError(
-                f"this Reader of stream {self._stream!r} already listens for triggers: use the inbox it returned, "
+                f"this Reader of {self._subject} already listens for triggers: use the inbox it returned, "
                 "or open another Reader for a second listener"
             )
         self._inbox = TriggerInbox(attachment, on_close=self._stop_listening)
@@ -328,7 +336,7 @@ class Reader:
         # is done here, before the wait, not after the wake-up.
         attachment = self._attachment
         if attachment is None or self._state is not Lifecycle.OPEN:
-            raise ClosedError(f"Reader of stream {self._stream!r} is closed")
+            raise ClosedError(f"Reader of {self._subject} is closed")
         if mode != self._mode:
             self._mode = mode
             attachment.set_mode(mode)
@@ -468,7 +476,7 @@ class Reader:
             # replaces any other exception a handler raised; treat it as a wake-up.
             return
         except posix_ipc.Error as exc:
-            log.debug("reader %r: waiting on stream %r failed (%r); looking for its daemon", self._name, self._stream, exc)
+            log.debug("reader %r: waiting on %s failed (%r); looking for its %s", self._name, self._subject, exc, self._PRODUCER)
         if not attachment.segment.owner_alive():
             self._orphan()
 
@@ -496,24 +504,24 @@ class Reader:
             self._reattach()
         elif state == StreamState.ENDED:
             if mode == ReaderMode.LIVE or newest <= self._last_seq:
-                raise SourceEnded(f"stream {self._stream!r} ended: {attachment.reason() or 'its source has no more frames'}")
+                raise SourceEnded(f"{self._subject} ended: {attachment.reason() or 'its source has no more frames'}")
         elif not attachment.segment.owner_alive():
             self._orphan()
 
     def _orphan(self) -> None:
-        log.info("reader %r: the daemon of stream %r is gone; waiting for a new one", self._name, self._stream)
+        log.info("reader %r: the %s of %s is gone; waiting for a new one", self._name, self._PRODUCER, self._subject)
         self._orphaned = True
         self._reattach()
 
     def _timeout_message(self, attachment: Attachment) -> str:
         if self._orphaned:
             if self._reattach_error:
-                return f"no frame from stream {self._stream!r}: its daemon restarted but attaching failed: {self._reattach_error}"
+                return f"no {self._NOUN} from {self._subject}: its {self._PRODUCER} restarted but attaching failed: {self._reattach_error}"
             return (
-                f"no frame from stream {self._stream!r}: its daemon stopped and no new one serves it yet "
+                f"no {self._NOUN} from {self._subject}: its {self._PRODUCER} stopped and no new one serves it yet "
                 "(this reader re-attaches by itself when one does)"
             )
         state = STATE.unpack_from(attachment.control, STATE_OFFSET)[0]  # type: ignore[arg-type]
         reason = attachment.reason()
-        detail = f"; the daemon reports {StreamState.NAMES.get(state, '?')}" + (f": {reason}" if reason else "")
-        return f"no new frame from stream {self._stream!r} within the timeout{detail}"
+        detail = f"; the {self._PRODUCER} reports {StreamState.NAMES.get(state, '?')}" + (f": {reason}" if reason else "")
+        return f"no new {self._NOUN} from {self._subject} within the timeout{detail}"

@@ -23,6 +23,7 @@ from ._layout import (
     GEOMETRY,
     GEOMETRY_OFFSET,
     NEWEST_SEQ,
+    results_ring_name,
     NEWEST_SEQ_OFFSET,
     REASON_OFFSET,
     REASON_SIZE,
@@ -36,6 +37,7 @@ from ._layout import (
     decode_text,
 )
 from ._reader import RATE_WINDOW_NS
+from ._results import model_ring_names
 from ._segment import Segment, list_stream_names, open_segment
 from ._table import live_entries, read_entry
 
@@ -141,6 +143,53 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
         "mode": f"{segment.mode:04o}",
         "gid": segment.gid,
         "info": _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])),
+        "readers": describe_readers(segment),
+        "models": describe_models(segment.stream, newest, header.epoch),
+    }
+
+
+def describe_models(stream: str, stream_seq: int, stream_epoch: int) -> list[dict[str, Any]]:
+    """Every model with a results ring on the stream (``_results.py``), live or left behind."""
+    models = []
+    for model in model_ring_names(stream):
+        try:
+            segment = open_segment(results_ring_name(stream, model), for_status=True)
+        except (StreamNotFound, AccessDenied, IncompatibleSegment) as exc:
+            models.append({"name": model, "state": "unreadable", "alive": None, "error": str(exc), "readers": []})
+            continue
+        try:
+            segment.map(control_writable=False, data_access=None)
+            models.append(_describe_model(segment, model, stream_seq, stream_epoch))
+        finally:
+            segment.close()
+    return models
+
+
+def _describe_model(segment: Segment, model: str, stream_seq: int, stream_epoch: int) -> dict[str, Any]:
+    control = segment.control
+    assert control is not None
+    newest, _slot, state, last_mono_ns, _wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
+    measured = COUNTERS.unpack_from(control, COUNTERS_OFFSET)[1]
+    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
+    alive = segment.owner_alive()
+    now_mono = time.monotonic_ns()
+    age = (now_mono - last_mono_ns) / 1e9 if last_mono_ns else None
+    # Results of a daemon that is gone are not behind the new one's frames: they are about others.
+    same_daemon = isinstance(info, dict) and info.get("stream_epoch") == stream_epoch
+    if not alive or (age is not None and age > 2.0 + 3.0 / max(measured, 0.1)):
+        measured = 0.0
+    return {
+        "name": model,
+        "state": StreamState.NAMES.get(state, "unknown") if alive else "dead",
+        "alive": alive,
+        "pid": segment.header.owner_pid,
+        "results": info.get("results", 0) if isinstance(info, dict) else 0,
+        "results_per_s": round(measured, 2),
+        "latency_p50_ms": info.get("latency_p50_ms") if isinstance(info, dict) else None,
+        "latency_p99_ms": info.get("latency_p99_ms") if isinstance(info, dict) else None,
+        "seq": newest,
+        "lag": max(0, stream_seq - newest) if newest and same_daemon else None,
+        "last_result_age_s": round(age, 3) if age is not None else None,
         "readers": describe_readers(segment),
     }
 
@@ -252,8 +301,23 @@ def render_table(document: dict[str, Any]) -> str:
                     f"  {reader['pid']:>7}  {reader['name'][:18]:<18} {reader['mode']:<8} {reader['fps']:>6.1f} {lag:>5} "
                     f"{reader['dropped']:>8} {reader['held']:>2}/{reader['hold']:<2}  {_since(reader['attached_since']):<8}  {info_text}"
                 )
+        for model in stream.get("models", []):
+            lines.extend(_model_lines(model))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["SCHEMA_VERSION", "collect", "describe_readers", "describe_segment", "describe_stream", "render_table", "state_line"]
+def _model_lines(model: dict[str, Any]) -> list[str]:
+    if "error" in model:
+        return [f"  model {model['name']}: {model['state']}: {model['error']}"]
+    lag = "-" if model["lag"] is None else str(model["lag"])
+    latency = "-" if model["latency_p50_ms"] is None else f"{model['latency_p50_ms']:.0f}/{model['latency_p99_ms']:.0f} ms"
+    writer = f"writer pid {model['pid']}" + ("" if model["alive"] else " (gone)")
+    readers = ", ".join(f"{r['name']} (pid {r['pid']})" for r in model["readers"]) or "none"
+    return [
+        f"  model {model['name']}: {writer}   {model['results_per_s']:.1f} results/s   latency p50/p99 {latency}   "
+        f"lag {lag}   readers: {readers}"
+    ]
+
+
+__all__ = ["SCHEMA_VERSION", "collect", "describe_models", "describe_readers", "describe_segment", "describe_stream", "render_table", "state_line"]

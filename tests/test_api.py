@@ -24,19 +24,29 @@ def test_public_names_are_exactly_these():
         "FrameReleased",
         "FrameTimeout",
         "IncompatibleSegment",
+        "ModelNotFound",
         "Publisher",
         "Reader",
+        "Result",
+        "ResultExpired",
+        "ResultReader",
+        "ResultWriter",
         "ShmSpaceError",
         "SlotWriter",
         "SourceEnded",
         "SourceError",
         "StreamBusy",
         "StreamNotFound",
+        "Trigger",
         "TriggerError",
+        "TriggerInbox",
         "__version__",
+        "models",
+        "status",
+        "trigger",
     ]
     assert fb.__all__ == sorted(fb.__all__)
-    assert set(expected) <= set(fb.__all__)
+    assert fb.__all__ == expected
     for name in fb.__all__:
         assert hasattr(fb, name), name
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -251,7 +253,112 @@ def freeze_attaching(args: argparse.Namespace) -> int:
     return 0
 
 
+def result_payload(seq: int) -> dict:
+    """What the result writers publish for frame ``seq``: checkable from seq alone, and of a
+    length that varies a lot (a torn record then shows as a bad checksum or a wrong seq)."""
+    pad = (f"{seq:x}." * 4000)[: (seq * 7919) % 16000]
+    return {"seq": seq, "pad": pad, "crc": zlib.crc32(pad.encode())}
+
+
+def result_ok(result: "fb.Result") -> bool:
+    data = result.data
+    return data.get("seq") == result.seq and data.get("crc") == zlib.crc32(str(data.get("pad", "")).encode())
+
+
+def write_results(args: argparse.Namespace) -> int:
+    """Publish results on the stream by seq, paced at --fps (0: flat out), for --seconds.
+
+    With --respawn N, a parent forks N writers in turn and kills each with SIGKILL at a random
+    moment of its publishing (a writer killed at any instruction), then leaves the last one to
+    run. With --unsafe, after each result it also scribbles into the record it just published,
+    without a lock: the negative control of the integrity checks.
+    """
+    if args.respawn:
+        rng = random.Random(args.respawn)
+        for round_ in range(args.respawn):
+            child = os.fork()
+            if child == 0:
+                os._exit(_write_results_loop(args, quiet=True))
+            time.sleep(rng.uniform(0.005, 0.06))
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            emit(event="killed", round=round_ + 1)
+    return _write_results_loop(args, quiet=False)
+
+
+def _write_results_loop(args: argparse.Namespace, quiet: bool) -> int:
+    period = 1.0 / args.fps if args.fps else 0.0
+    with fb.ResultWriter(args.stream, args.model, wait=10.0) as out:
+        if not quiet:
+            emit(event="ready", pid=os.getpid())
+        deadline = time.monotonic() + args.seconds
+        next_time = next_report = time.monotonic()
+        seq = 0
+        while time.monotonic() < deadline:
+            seq += 1
+            out.publish(seq, result_payload(seq), timestamp_ns=time.monotonic_ns())
+            if args.unsafe:
+                ring = out._ring  # noqa: SLF001 - reach past the locks on purpose (see the docstring)
+                victim = ring._flat[ring._newest_slot]  # noqa: SLF001
+                victim[40:48] = np.frombuffer(b"XXXXXXXX", np.uint8)
+            if period:
+                next_time += period
+                delay = next_time - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            now = time.monotonic()
+            if not quiet and now >= next_report:
+                next_report = now + 0.05
+                emit(event="progress", published=seq, t=now)
+        if not quiet:
+            emit(event="done", published=seq)
+    return 0
+
+
+def check_results(args: argparse.Namespace) -> int:
+    """Read results (--mode ordered: every one; latest: the newest, again and again, with get()
+    of it) and check each; report counts. Follows writers that die and are replaced."""
+    checked = bad = restarts = 0
+    first_bad = None
+    last_seq = 0
+    deadline = time.monotonic() + args.seconds
+    with fb.ResultReader(args.stream, args.model, name=args.name, wait=10.0) as results:
+        emit(event="ready", pid=os.getpid())
+        iterator = results.ordered(timeout=1.0)
+        try:  # SIGTERM (KeyboardInterrupt here) ends the checking, not the report
+            while time.monotonic() < deadline and (not args.frames or checked < args.frames):
+                try:
+                    if args.mode == "ordered":
+                        result = next(iterator)
+                    else:
+                        result = results.latest(timeout=1.0)
+                        again = results.get(result.seq, timeout=1.0)
+                        if again is None or again.seq != result.seq or not result_ok(again):
+                            bad += 1
+                except (fb.FrameTimeout, fb.ResultExpired):
+                    continue
+                except ValueError:  # a record that is not even JSON: only an unsafe writer makes one
+                    bad += 1
+                    checked += 1
+                    continue
+                if result.seq < last_seq:
+                    restarts += 1
+                elif args.mode == "ordered" and result.seq == last_seq:
+                    bad += 1  # the same result twice in order
+                last_seq = result.seq
+                checked += 1
+                if not result_ok(result):
+                    bad += 1
+                    first_bad = first_bad or result.seq
+        except KeyboardInterrupt:
+            pass
+        emit(event="done", checked=checked, bad=bad, first_bad=first_bad, restarts=restarts, dropped=results.dropped)
+    return 0
+
+
 ROLES = {
+    "write-results": write_results,
+    "check-results": check_results,
     "listen": listen,
     "freeze-attaching": freeze_attaching,
     "produce": produce,
@@ -279,6 +386,8 @@ def main() -> int:
     parser.add_argument("--mode", default="next")
     parser.add_argument("--unsafe", action="store_true")
     parser.add_argument("--recheck", action="store_true")
+    parser.add_argument("--model", default="model")
+    parser.add_argument("--respawn", type=int, default=0)
     args = parser.parse_args()
 
     def on_sigterm(*_: object) -> None:
