@@ -8,7 +8,7 @@ Packaging: the repository keeps this folder at the top, beside ``framebroker/``,
 the clients are users of the library, not part of it; it is installed as its own top-level
 package, ``framebroker_clients`` (``pyproject.toml`` maps the name to ``clients/``). A separate
 name is what keeps imports plain: were it installed inside the library (as
-``framebroker.clients``), a source checkout's ``framebroker/`` folder in the current directory
+``framebroker_clients``), a source checkout's ``framebroker/`` folder in the current directory
 would hide the installed one and its clients with it, and every child process would have to
 edit ``sys.path`` to find them. ``framebroker_clients`` exists only where pip put it (a normal
 install, or an editable one pointing at this folder), so ``python -m framebroker`` finds it from
