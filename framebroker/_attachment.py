@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import posix_ipc
@@ -37,11 +37,14 @@ from ._layout import (
     LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
     LOCK_TOKEN_BASE,
+    PRODUCER_WAITS,
+    PRODUCER_WAITS_OFFSET,
     REASON_OFFSET,
     REASON_SIZE,
     ReaderMode,
     decode_text,
     encode_text,
+    producer_semaphore_name,
     semaphore_name,
 )
 from ._segment import Segment, open_segment
@@ -64,6 +67,7 @@ class Attachment:
     """
 
     semaphore: posix_ipc.Semaphore = None  # type: ignore[assignment]  # opened last by attach()
+    producer_semaphore: Optional[posix_ipc.Semaphore] = None
 
     def __init__(self, stream: str, segment: Segment, entry: int, tokens: List[int]) -> None:
         self.stream = stream
@@ -121,12 +125,14 @@ class Attachment:
         self._write_text(ENTRY_INFO_OFFSET, ENTRY_INFO_SIZE, info)
         ENTRY_IDENTITY.pack_into(control, offset, os.getpid(), os.geteuid(), hold, mode, time.time())  # type: ignore[arg-type]
         note_change(control, self.entry)
+        self.nudge_producer()
 
     def set_mode(self, mode: int) -> None:
         control, offset = self.control, self.entry_offset
         pid, uid, hold, _old, attached = ENTRY_IDENTITY.unpack_from(control, offset)  # type: ignore[arg-type]
         ENTRY_IDENTITY.pack_into(control, offset, pid, uid, hold, mode, attached)  # type: ignore[arg-type]
         note_change(control, self.entry)
+        self.nudge_producer()
 
     def set_flags(self, flags: int) -> None:
         if self.open:
@@ -137,6 +143,16 @@ class Attachment:
 
     def write_progress(self, last_seq: int, cursor: int, frames: int, dropped: int) -> None:
         ENTRY_PROGRESS_HELD.pack_into(self.control, self.progress_offset, last_seq, cursor, frames, dropped, len(self.held))  # type: ignore[arg-type]
+
+    def nudge_producer(self) -> None:
+        """Wake the producer if it waits for its readers (lockstep): this one just attached,
+        changed mode, moved on or is leaving."""
+        control, sem = self.control, self.producer_semaphore
+        if control is not None and sem is not None and PRODUCER_WAITS.unpack_from(control, PRODUCER_WAITS_OFFSET)[0]:
+            try:
+                sem.release()
+            except posix_ipc.Error:
+                pass
 
     def write_rate(self, fps: float) -> None:
         ENTRY_RATE.pack_into(self.control, self.entry_offset + ENTRY_RATE_OFFSET, fps, time.time())  # type: ignore[arg-type]
@@ -178,6 +194,12 @@ class Attachment:
         segment.close_descriptor()
         if clear_entry and control is not None:
             note_change(control, self.entry)
+        self.nudge_producer()
+        if self.producer_semaphore is not None:
+            try:
+                self.producer_semaphore.close()
+            except posix_ipc.Error:
+                pass
         # Keep self.data: frames held from this segment still view it.
         segment.data = None
         segment.close()
@@ -201,9 +223,11 @@ def attach(stream: str, name: str, hold: int, mode: int, flags: int, info: str) 
         # Opened after the change byte is written: these system calls stand between that store
         # and this reader's first read of HEAD ("Wake-ups" in _ring.py).
         try:
+            attachment.producer_semaphore = posix_ipc.Semaphore(producer_semaphore_name(stream, segment.header.epoch))
             attachment.semaphore = posix_ipc.Semaphore(semaphore_name(stream, segment.header.epoch, attachment.entry))
         except posix_ipc.ExistentialError:
             raise StreamNotFound(f"stream {stream!r} is shutting down") from None
+        attachment.nudge_producer()  # attached (write_identity could not post yet)
         return attachment
     except BaseException:
         segment.close()

@@ -149,6 +149,12 @@ def semaphore_name(stream: str, epoch: int, entry: int) -> str:
     return f"/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}{epoch:016x}.w{entry}"
 
 
+def producer_semaphore_name(stream: str, epoch: int) -> str:
+    """posix_ipc name of the semaphore readers post to wake a producer that waits for them
+    (lockstep, ``Publisher.wait_until_consumed``)."""
+    return f"/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}{epoch:016x}.p"
+
+
 def semaphore_file_prefix(stream: str) -> str:
     """File-name prefix in /dev/shm of every semaphore that belongs to ``stream``."""
     return f"sem.{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}"
@@ -196,6 +202,10 @@ COUNTERS = struct.Struct("<ddQQQQ")
 COUNTERS_OFFSET = LIVE_OFFSET + 56
 STATE_SINCE = struct.Struct("<d")
 STATE_SINCE_OFFSET = LIVE_OFFSET + 104
+# Non-zero while the producer waits for its readers (lockstep, waiting for N readers): readers
+# then post the producer's semaphore when they attach, detach, change mode or move on.
+PRODUCER_WAITS = struct.Struct("<I")
+PRODUCER_WAITS_OFFSET = LIVE_OFFSET + 112
 REASON_OFFSET = 512
 REASON_SIZE = 512
 SOURCE_OFFSET = 1024

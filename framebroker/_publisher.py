@@ -7,7 +7,7 @@ import math
 import os
 import time
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import posix_ipc
@@ -37,6 +37,8 @@ from ._layout import (
     SOURCE_SIZE,
     STATE_SINCE,
     STATE_SINCE_OFFSET,
+    PRODUCER_WAITS,
+    PRODUCER_WAITS_OFFSET,
     PixelFormat,
     ReaderMode,
     StreamState,
@@ -46,9 +48,12 @@ from ._layout import (
 from ._lifecycle import Lifecycle
 from ._ring import MAX_PENDING_WAKES
 from ._segment import Segment, create_segment, discard_semaphores, resolve_group
-from ._table import changes, live_entries, remove_listener_queues
+from ._table import changes, live_entries, read_entry, remove_listener_queues
 
 DEFAULT_SLOTS = 12
+# How often a producer that waits for its readers rescans the table anyway (seconds): a reader
+# killed with kill -9 cannot say that it is gone.
+RESCAN_STEP = 0.05
 MAX_FPS = 10_000.0
 # Work done about twice a second rather than with every frame (see Publisher._housekeeping).
 HOUSEKEEPING_NS = 500_000_000
@@ -102,17 +107,20 @@ class SlotWriter:
     The frame is published when the ``with`` block ends without an exception and dropped (never
     shown to readers) if it raises. Set ``writer.timestamp_ns`` inside the block to give the capture
     time the source reported; by default the time at which the block ends is used, since that is
-    when a blocking ``cap.read(buf)`` has the frame.
+    when a blocking ``cap.read(buf)`` has the frame. A replay may also set ``writer.seq`` and
+    ``writer.wall_time`` to the recorded frame's number and wall-clock capture time (see
+    ``Publisher.publish``); after the block ``writer.seq`` is the published seq.
     """
 
-    __slots__ = ("_publisher", "_slot", "timestamp_ns", "array", "seq")
+    __slots__ = ("_publisher", "_slot", "timestamp_ns", "array", "seq", "wall_time")
 
     def __init__(self, publisher: "Publisher", timestamp_ns: Optional[int]) -> None:
         self._publisher = publisher
         self._slot = -1
         self.timestamp_ns = timestamp_ns
         self.array: Optional[np.ndarray] = None
-        self.seq: Optional[int] = None  # the published seq, after the block
+        self.seq: Optional[int] = None
+        self.wall_time: Optional[float] = None
 
     def __enter__(self) -> np.ndarray:
         publisher = self._publisher
@@ -136,7 +144,16 @@ class SlotWriter:
             publisher._abandon(slot)
             return
         timestamp_ns = self.timestamp_ns
-        self.seq = publisher._commit(slot, time.monotonic_ns() if timestamp_ns is None else int(timestamp_ns))
+        stamp = time.monotonic_ns() if timestamp_ns is None else int(timestamp_ns)
+        if self.seq is None and self.wall_time is None:
+            self.seq = publisher._commit(slot, stamp)
+        else:
+            try:
+                seq = publisher._check_replayed(self.seq, self.wall_time)
+            except BaseException:
+                publisher._abandon(slot)
+                raise
+            self.seq = publisher._commit(slot, stamp, seq, self.wall_time)
 
 
 class Publisher:
@@ -334,16 +351,30 @@ class Publisher:
 
     # --- publishing ----------------------------------------------------------------------------
 
-    def publish(self, array: np.ndarray, timestamp_ns: Optional[int] = None) -> Optional[int]:
+    def publish(
+        self,
+        array: np.ndarray,
+        timestamp_ns: Optional[int] = None,
+        *,
+        seq: Optional[int] = None,
+        wall_time: Optional[float] = None,
+    ) -> Optional[int]:
         """Copy ``array`` into the ring as the newest frame; return its seq.
 
         ``timestamp_ns`` is the capture time on CLOCK_MONOTONIC (``time.monotonic_ns()``);
         it defaults to the moment of this call. A frame of another shape changes the stream's
         geometry (readers see the new shape). Returns None if the frame had to be dropped
         because every slot was leased, which the slot budget rules out.
+
+        A replay of a recording gives each frame its original ``seq`` (increasing; a gap is a
+        frame the recording does not have) and ``wall_time`` (epoch seconds of the original
+        capture); by default frames are numbered one after another and stamped now.
         """
         timestamp = time.monotonic_ns() if timestamp_ns is None else int(timestamp_ns)
         self._check_open()
+        replayed = 0
+        if seq is not None or wall_time is not None:
+            replayed = self._check_replayed(seq, wall_time)
         if not isinstance(array, np.ndarray):
             raise TypeError(f"publish() takes a numpy array, not {type(array).__name__}")
         if array.dtype != np.uint8:
@@ -362,7 +393,20 @@ class Publisher:
         except BaseException:
             self._abandon(slot)
             raise
-        return self._commit(slot, timestamp)
+        return self._commit(slot, timestamp, replayed, wall_time)
+
+    def _check_replayed(self, seq: Optional[int], wall_time: Optional[float]) -> int:
+        """The seq a replayed frame is published under (0: the next one); ValueError if it
+        does not come after the newest."""
+        if seq is None:
+            return 0
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
+            raise TypeError(f"seq must be an int, not {type(seq).__name__}")
+        if seq <= self._seq:
+            raise ValueError(f"seq must increase: {seq} after {self._seq} (frames are published in order)")
+        if wall_time is not None and (isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time)):
+            raise TypeError(f"wall_time must be a finite number of epoch seconds, not {wall_time!r}")
+        return int(seq)
 
     def slot(self, timestamp_ns: Optional[int] = None) -> SlotWriter:
         """Write a frame in place: ``with pub.slot() as buf: cap.read(buf)``; see ``SlotWriter``."""
@@ -446,12 +490,14 @@ class Publisher:
         """Give a claimed slot back unwritten (the write failed): keep it for the next frame."""
         self._next_slot = slot
 
-    def _commit(self, slot: int, timestamp_ns: int, seq: int = 0, wall: float = 0.0, geometry: Optional[tuple] = None) -> int:
-        """Publish the slot written: frame ``self.seq + 1`` by default; a results ring gives the
-        frame's own ``seq`` and ``wall`` time, and the record's ``geometry`` (see _results.py)."""
+    def _commit(self, slot: int, timestamp_ns: int, seq: int = 0, wall: Optional[float] = None, geometry: Optional[tuple] = None) -> int:
+        """Publish the slot written: frame ``self.seq + 1`` by default; a replay or a results
+        ring gives the frame's own ``seq`` and ``wall`` time, a results ring also the record's
+        ``geometry`` (see _results.py)."""
         # The frame path: few calls on purpose (after a frame period of idling each one runs cold).
         if not seq:
             seq = self._seq + 1
+        if wall is None:
             # The capture instant on the wall clock (offset refreshed by _housekeeping), so
             # wall_time and timestamp_ns name the same moment.
             wall = timestamp_ns / 1e9 + self._wall_offset
@@ -505,23 +551,93 @@ class Publisher:
     # --- readers ---------------------------------------------------------------------------
 
     def _refresh_readers(self) -> None:
-        """Rescan the reader table: whom to wake, whose frames to keep (ordered readers)."""
+        """Rescan the reader table: whom to wake, whose frames to keep (ordered readers), whom
+        a lockstep producer waits for (ordered readers, and those that have not asked yet)."""
         control = self._control
         self._changes_seen = changes(control, self._layout)
         wake: List[posix_ipc.Semaphore] = []
         ordered: List[int] = []
+        undecided: List[int] = []
         for index, offset in live_entries(self._locks, self._layout, control):
             wake.append(self._semaphores[index])
-            if ENTRY_IDENTITY.unpack_from(control, offset)[3] == ReaderMode.ORDERED:
+            mode = ENTRY_IDENTITY.unpack_from(control, offset)[3]
+            if mode == ReaderMode.ORDERED:
                 ordered.append(offset)
+            elif mode == ReaderMode.IDLE:
+                undecided.append(offset)
         self._wake_list = wake
         self._ordered_entries = ordered
+        # A reader that attached but has not asked for a frame yet (a recorder still choosing
+        # its encoder) may be about to read in order: lockstep waits for it to say.
+        self._holding_entries = ordered + undecided
 
     def reader_count(self) -> int:
         """Readers attached right now."""
         self._check_open()
         self._refresh_readers()
         return len(self._wake_list)
+
+    # --- waiting for readers: lockstep -------------------------------------------------------
+    #
+    # The one place where a producer waits on its readers, and only when it asks to: a replay
+    # in lockstep (``framebroker serve FILE --pace lockstep``) publishes frame N+1 only once every
+    # ordered reader has taken frame N and asked for the next. The waits sleep on the producer's
+    # semaphore, which readers post (while ``PRODUCER_WAITS`` is set) when they attach, detach,
+    # change mode or move their cursor; a reader killed with kill -9 posts nothing, so the
+    # producer also rescans the table every ``RESCAN_STEP`` while it waits.
+
+    def wait_until_consumed(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every ordered reader has taken the newest frame and asked for the next one
+        (readers in ``latest()`` or ``next()`` mode never hold the producer back; one that has
+        not asked for any frame yet does, until it says how it reads); True then, False if
+        ``timeout`` seconds passed first (None: no limit). Readers that die or detach stop
+        counting at once (within ``RESCAN_STEP``)."""
+        return self._wait_for_readers(lambda: not self._lagging(), timeout)
+
+    def wait_for_readers(self, count: int, timeout: Optional[float] = None) -> bool:
+        """Wait until at least ``count`` readers are attached; True then, False on timeout."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a whole number of readers >= 0, got {count!r}")
+        return self._wait_for_readers(lambda: len(self._wake_list) >= count, timeout)
+
+    def lagging_readers(self) -> List[Dict[str, Any]]:
+        """The ordered readers that have not yet moved past the newest frame: pid, name, and the
+        seq of the last frame each took (what ``wait_until_consumed`` waits for)."""
+        self._check_open()
+        self._refresh_readers()
+        return [
+            {"pid": entry["pid"], "name": entry["name"], "last_seq": entry["cursor"]}
+            for entry in (read_entry(self._control, offset) for offset in self._lagging())
+        ]
+
+    def _lagging(self) -> List[int]:
+        control, newest = self._control, self._seq
+        return [offset for offset in self._holding_entries if ENTRY_PROGRESS.unpack_from(control, offset + ENTRY_PROGRESS_OFFSET)[1] < newest]
+
+    def _wait_for_readers(self, done: Callable[[], bool], timeout: Optional[float]) -> bool:
+        self._check_open()
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
+        # Set before the first look, and left set: a reader that moves on after this store posts.
+        PRODUCER_WAITS.pack_into(self._control, PRODUCER_WAITS_OFFSET, 1)
+        wake = self._semaphores[-1]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._refresh_readers()
+            if done():
+                return True
+            step = RESCAN_STEP
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                step = min(step, remaining)
+            try:
+                wake.acquire(step)
+                while True:  # posts pile up while the producer works: one look serves them all
+                    wake.acquire(0)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                pass
 
     # --- what status shows -------------------------------------------------------------------
 

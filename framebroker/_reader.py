@@ -438,7 +438,10 @@ class Reader:
             return
         seq = self._last_seq
         frames = self._frames
-        attachment.write_progress(seq, seq if self._mode == ReaderMode.ORDERED else 0, frames, self._dropped)
+        ordered = self._mode == ReaderMode.ORDERED
+        attachment.write_progress(seq, seq if ordered else 0, frames, self._dropped)
+        if ordered:
+            attachment.nudge_producer()  # a producer in lockstep waits for this cursor
         # The rate, over about RATE_WINDOW. Clock calls are fine here: this runs before the
         # wait, not on the cold path after a wake-up.
         now = time.monotonic_ns()

@@ -39,6 +39,7 @@ from ._layout import (
     decode_text,
     segment_path,
     semaphore_file_prefix,
+    producer_semaphore_name,
     semaphore_name,
     validate_stream_name,
 )
@@ -477,8 +478,9 @@ def create_segment(
         st = os.fstat(fd)
         header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, draft)
         segment = Segment(stream, path, fd, header, st)
-        for index in range(layout.table_size):
-            name = semaphore_name(stream, epoch, index)
+        # One wake-up semaphore per reader-table entry, then the producer's own (the last).
+        names = [semaphore_name(stream, epoch, index) for index in range(layout.table_size)]
+        for name in names + [producer_semaphore_name(stream, epoch)]:
             sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0)
             semaphores.append(sem)
             _apply_permissions(f"{SHM_DIR}/sem.{name.lstrip('/')}", gid)

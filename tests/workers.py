@@ -83,6 +83,8 @@ def verify_loop(args: argparse.Namespace) -> int:
                 # Check again: the frame must not change while held.
                 if ok and args.recheck:
                     ok = testpattern.verify(frame.array) == frame.seq
+                if args.work_ms:
+                    time.sleep(args.work_ms / 1000.0)  # a slow consumer, holding the frame
             checked += 1
             if not ok:
                 bad += 1
@@ -223,6 +225,28 @@ def survive(args: argparse.Namespace) -> int:
     return 0
 
 
+def produce_lockstep(args: argparse.Namespace) -> int:
+    """Publish --frames test-pattern frames in lockstep: each only once every ordered reader has
+    moved past the one before (after waiting for --hold readers to attach)."""
+    shape = (args.height, args.width, 3)
+    with fb.Publisher(args.stream, shape=shape, slots=args.slots) as pub:
+        emit(event="ready", pid=os.getpid())
+        if not pub.wait_for_readers(args.hold, timeout=30.0):
+            emit(event="no-readers")
+            return 1
+        started = time.monotonic()
+        for n in range(1, args.frames + 1):
+            while not pub.wait_until_consumed(timeout=1.0):
+                emit(event="waiting", seq=pub.seq, lagging=pub.lagging_readers())
+            with pub.slot() as buf:
+                testpattern.render_into(buf, n)
+            if n % 20 == 0:
+                emit(event="progress", published=n, t=time.monotonic())
+        pub.wait_until_consumed(timeout=10.0)
+        emit(event="done", published=pub.seq, seconds=time.monotonic() - started)
+    return 0
+
+
 def listen(args: argparse.Namespace) -> int:
     """Listen for triggers until killed (tests kill it to leave its queue behind)."""
     with fb.Reader(args.stream, name=args.name, wait=10.0) as cam, cam.triggers() as inbox:
@@ -357,6 +381,7 @@ def check_results(args: argparse.Namespace) -> int:
 
 
 ROLES = {
+    "produce-lockstep": produce_lockstep,
     "write-results": write_results,
     "check-results": check_results,
     "listen": listen,
@@ -388,6 +413,7 @@ def main() -> int:
     parser.add_argument("--recheck", action="store_true")
     parser.add_argument("--model", default="model")
     parser.add_argument("--respawn", type=int, default=0)
+    parser.add_argument("--work-ms", type=float, default=0.0)
     args = parser.parse_args()
 
     def on_sigterm(*_: object) -> None:
