@@ -37,6 +37,13 @@ from ._layout import (
     LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
     LOCK_TOKEN_BASE,
+    GROW_REQUEST,
+    GROW_REQUEST_OFFSET,
+    GROWTH,
+    GROWTH_OFFSET,
+    STATE,
+    STATE_OFFSET,
+    StreamState,
     PRODUCER_WAITS,
     PRODUCER_WAITS_OFFSET,
     REASON_OFFSET,
@@ -57,6 +64,12 @@ if TYPE_CHECKING:
 # short pause and another try sorts that out before anyone is told the ring is full.
 TOKEN_ATTEMPTS = 3
 TOKEN_RETRY_PAUSE = 0.005
+# A growable ring: how long an attaching reader waits for the producer to move to a larger
+# segment (reserving a few hundred MiB can take a second on a slow board), how often it looks,
+# and how many times it tries when other readers take the new room first.
+GROW_WAIT = 10.0
+GROW_POLL = 0.005
+GROW_ROUNDS = 4
 
 
 class Attachment:
@@ -208,30 +221,77 @@ class Attachment:
 
 def attach(stream: str, name: str, hold: int, mode: int, flags: int, info: str) -> Attachment:
     """Attach to the segment that serves ``stream`` now: map it, reserve ``hold`` tokens, claim
-    an entry, write this reader's identity. Raises StreamNotFound, CapacityError, ..."""
-    segment = open_segment(stream)
-    try:
-        if not segment.owner_alive():
-            raise StreamNotFound(
-                f"stream {stream!r} is not being served: its daemon (pid {segment.header.owner_pid}) "
-                f"is no longer running. Start it again with framebroker serve ... --name {stream}"
-            )
-        segment.map(control_writable=True, data_access="r")
-        tokens = _reserve_tokens(segment, hold)
-        attachment = Attachment(stream, segment, _claim_entry(segment), tokens)
-        attachment.write_identity(name, hold, mode, flags, info)
-        # Opened after the change byte is written: these system calls stand between that store
-        # and this reader's first read of HEAD ("Wake-ups" in _ring.py).
+    an entry, write this reader's identity. Raises StreamNotFound, CapacityError, ...
+
+    A growable ring (``serve --slots auto``) with too few free tokens is asked to grow; this
+    then waits for the producer to move to the larger segment (about a frame period, plus the
+    time to reserve it) and attaches there.
+    """
+    for _ in range(GROW_ROUNDS):
+        segment = open_segment(stream)
         try:
-            attachment.producer_semaphore = posix_ipc.Semaphore(producer_semaphore_name(stream, segment.header.epoch))
-            attachment.semaphore = posix_ipc.Semaphore(semaphore_name(stream, segment.header.epoch, attachment.entry))
-        except posix_ipc.ExistentialError:
-            raise StreamNotFound(f"stream {stream!r} is shutting down") from None
-        attachment.nudge_producer()  # attached (write_identity could not post yet)
-        return attachment
-    except BaseException:
-        segment.close()
-        raise
+            if not segment.owner_alive():
+                raise StreamNotFound(
+                    f"stream {stream!r} is not being served: its daemon (pid {segment.header.owner_pid}) "
+                    f"is no longer running. Start it again with framebroker serve ... --name {stream}"
+                )
+            segment.map(control_writable=True, data_access="r")
+            try:
+                tokens = _reserve_tokens(segment, hold)
+            except CapacityError:
+                if not _ask_to_grow(segment, hold):
+                    raise
+                segment.close()
+                continue  # the ring moved to a larger segment: attach there
+            attachment = Attachment(stream, segment, _claim_entry(segment), tokens)
+            attachment.write_identity(name, hold, mode, flags, info)
+            # Opened after the change byte is written: these system calls stand between that store
+            # and this reader's first read of HEAD ("Wake-ups" in _ring.py).
+            try:
+                attachment.producer_semaphore = posix_ipc.Semaphore(producer_semaphore_name(stream, segment.header.epoch))
+                attachment.semaphore = posix_ipc.Semaphore(semaphore_name(stream, segment.header.epoch, attachment.entry))
+            except posix_ipc.ExistentialError:
+                raise StreamNotFound(f"stream {stream!r} is shutting down") from None
+            attachment.nudge_producer()  # attached (write_identity could not post yet)
+            return attachment
+        except BaseException:
+            segment.close()
+            raise
+    raise CapacityError(f"stream {stream!r}: its ring grew {GROW_ROUNDS} times and other readers took the room each time; try again")
+
+
+def _ask_to_grow(segment: Segment, hold: int) -> bool:
+    """Ask a growable ring for room for ``hold`` more frames; True once it moved to a larger
+    segment, False if it cannot grow; CapacityError if it refuses (``--max-shm``)."""
+    control = segment.control
+    growable, _, _, max_shm = GROWTH.unpack_from(control, GROWTH_OFFSET)  # type: ignore[arg-type]
+    if not growable:
+        return False
+    request = (GROW_REQUEST.unpack_from(control, GROW_REQUEST_OFFSET)[0] + 1) & 0xFFFFFFFF  # type: ignore[arg-type]
+    GROW_REQUEST.pack_into(control, GROW_REQUEST_OFFSET, request, hold)  # type: ignore[arg-type]
+    deadline = time.monotonic() + GROW_WAIT
+    while time.monotonic() < deadline:
+        # Polled, not waited for: a reader without an entry has no semaphore yet, and this lasts
+        # a frame period or two (the producer answers between two frames).
+        if STATE.unpack_from(control, STATE_OFFSET)[0] == StreamState.REPLACED:  # type: ignore[arg-type]
+            return True
+        _, refused, needed, max_shm = GROWTH.unpack_from(control, GROWTH_OFFSET)  # type: ignore[arg-type]
+        if refused == request:
+            slots = segment.layout.slot_count
+            raise CapacityError(
+                f"stream {segment.stream!r} cannot guarantee {hold} more held frame(s): its ring ({slots} slots, "
+                f"{_mib(segment.layout.total_size)}) would need {_mib(needed)} to grow, past its limit of "
+                f"{_mib(max_shm)}. Restart the daemon with a larger --max-shm (and the room in /dev/shm for it), "
+                "or ask for fewer held frames."
+            )
+        if not segment.owner_alive():
+            return False
+        time.sleep(GROW_POLL)
+    return False
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 def _reserve_tokens(segment: Segment, hold: int) -> List[int]:

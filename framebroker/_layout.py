@@ -186,6 +186,9 @@ STATIC = struct.Struct("<8sIIQiIdQIIQQQQIIQQQ136s")  # 256 bytes; the name fits 
 LIVE_OFFSET = 320
 # What a reader reads on every call, in one go: newest_seq, the slot it is in, the stream state.
 HEAD = struct.Struct("<QII")
+# HEAD's slot in a segment that has no frame of its own yet: one the producer just moved to
+# (larger frames, more slots), whose newest_seq goes on from the segment it replaces.
+NO_FRAME = 0xFFFFFFFF
 NEWEST_SEQ = struct.Struct("<Q")
 NEWEST_SEQ_OFFSET = LIVE_OFFSET
 STATE = struct.Struct("<I")
@@ -206,6 +209,10 @@ STATE_SINCE_OFFSET = LIVE_OFFSET + 104
 # then post the producer's semaphore when they attach, detach, change mode or move on.
 PRODUCER_WAITS = struct.Struct("<I")
 PRODUCER_WAITS_OFFSET = LIVE_OFFSET + 112
+# A ring that grows when readers need more slots (``--slots auto``): growable, the last growth
+# request it refused, the bytes that growth needed, and the most it may take (``--max-shm``).
+GROWTH = struct.Struct("<IIQQ")
+GROWTH_OFFSET = LIVE_OFFSET + 116
 REASON_OFFSET = 512
 REASON_SIZE = 512
 SOURCE_OFFSET = 1024
@@ -217,6 +224,12 @@ EXTRA_SIZE = 1024
 # saw last, knows when to rescan the table. One writer per byte: no update can be lost.
 CHANGES_OFFSET = 2560
 CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
+# Just before them, what an attaching reader that found no free token writes to ask a growable
+# ring for more slots: a request count and the frames it wants to hold. Several may write at
+# once (a lost increment is harmless: any change makes the producer look). The producer reads
+# this and the change bytes as one run of bytes.
+GROW_REQUEST = struct.Struct("<II")
+GROW_REQUEST_OFFSET = CHANGES_OFFSET - GROW_REQUEST.size
 
 # --- per-slot metadata ---------------------------------------------------------------------------
 

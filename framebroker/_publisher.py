@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import posix_ipc
@@ -16,6 +18,13 @@ from ._errors import ClosedError
 from ._layout import (
     CHANGES_OFFSET,
     COUNTERS,
+    GROW_REQUEST,
+    GROW_REQUEST_OFFSET,
+    GROWTH,
+    GROWTH_OFFSET,
+    LOCK_TOKEN_BASE,
+    MAX_SLOTS,
+    RingLayout,
     COUNTERS_OFFSET,
     FRAME_COUNTERS,
     FRAME_COUNTERS_OFFSET,
@@ -30,6 +39,7 @@ from ._layout import (
     STATE_OFFSET,
     LOCK_SLOT_BASE,
     MAP_ENTRY,
+    NO_FRAME,
     META,
     REASON_OFFSET,
     REASON_SIZE,
@@ -47,10 +57,15 @@ from ._layout import (
 )
 from ._lifecycle import Lifecycle
 from ._ring import MAX_PENDING_WAKES
-from ._segment import Segment, create_segment, discard_semaphores, resolve_group
+from ._segment import DraftSegment, Segment, create_segment, discard_semaphores, free_shm_bytes, resolve_group
 from ._table import changes, live_entries, read_entry, remove_listener_queues
 
+log = logging.getLogger("framebroker.publisher")
+
 DEFAULT_SLOTS = 12
+AUTO_SLOTS = "auto"  # slots="auto": start at DEFAULT_SLOTS, grow when readers need more
+SHRINK_AFTER = 60.0  # seconds a grown ring waits, once readers need no more, before it shrinks
+HISTORY_KEPT = 20  # ring size changes status shows
 # How often a producer that waits for its readers rescans the table anyway (seconds): a reader
 # killed with kill -9 cannot say that it is gone.
 RESCAN_STEP = 0.05
@@ -59,7 +74,6 @@ MAX_FPS = 10_000.0
 HOUSEKEEPING_NS = 500_000_000
 HOUSEKEEPING_FRAMES = 256
 
-_CHANGES_START = CHANGES_OFFSET
 _pack_meta = META.pack_into
 _pack_map = MAP_ENTRY.pack_into
 _pack_frame_counters = FRAME_COUNTERS.pack_into
@@ -171,6 +185,12 @@ class Publisher:
     _segment: Optional[Segment] = None
     _semaphores: Sequence[posix_ipc.Semaphore] = ()
     _state = Lifecycle.CLOSED
+    _growable = False
+    _max_shm_asked: Optional[int] = None
+    _shrink_after = 0.0
+    _prepared: "Optional[Tuple[DraftSegment, str]]" = None
+    _growing: Optional[threading.Thread] = None
+    _grow_failure: "Optional[Tuple[int, int, str]]" = None
 
     def __init__(
         self,
@@ -179,11 +199,24 @@ class Publisher:
         fps: float = 0.0,
         *,
         format: Optional[str] = None,
-        slots: int = DEFAULT_SLOTS,
+        slots: Union[int, str] = DEFAULT_SLOTS,
         group: Optional[str] = None,
         source: str = "",
         capacity: Optional[int] = None,
+        max_shm: Optional[int] = None,
+        shrink_after: float = SHRINK_AFTER,
     ) -> None:
+        self._growable = slots == AUTO_SLOTS
+        if self._growable:
+            slots = DEFAULT_SLOTS
+        elif isinstance(slots, bool) or not isinstance(slots, int):
+            raise TypeError(f"slots must be an int or {AUTO_SLOTS!r}, not {slots!r}")
+        if max_shm is not None and (isinstance(max_shm, bool) or not isinstance(max_shm, int) or max_shm <= 0):
+            raise ValueError(f"max_shm must be a number of bytes > 0 (or None for a default), got {max_shm!r}")
+        if isinstance(shrink_after, bool) or not isinstance(shrink_after, (int, float)) or not shrink_after >= 0:
+            raise ValueError(f"shrink_after must be a number of seconds >= 0, got {shrink_after!r}")
+        self._max_shm_asked = max_shm
+        self._shrink_after = float(shrink_after)
         self._open(validate_stream_name(stream), shape, fps, format, slots, resolve_group(group), source, capacity, {})
 
     def _open(
@@ -222,7 +255,13 @@ class Publisher:
         self._extra = dict(extra)
         self._stream_state = StreamState.STARTING
         self._reason = ""
+        self._initial_slots = slots
+        self._history: List[Dict[str, Any]] = []
+        self._quiet_since = 0.0  # when the readers' holds last fitted the starting size
         self._create(capacity, None, dims, code)
+        # By default a growing ring may take half of what /dev/shm has free now, beyond itself.
+        self._max_shm = self._max_shm_asked or self._segment.layout.total_size + (free_shm_bytes() or 0) // 2  # type: ignore[union-attr]
+        self._write_growth()
         self._state = Lifecycle.OPEN
         self._pid = os.getpid()
 
@@ -239,11 +278,16 @@ class Publisher:
             describe_frame=_describe(shape, code),
             replace=replace,
         )
+        self._take(segment, semaphores, shape, code)
+
+    def _take(self, segment: Segment, semaphores: List[posix_ipc.Semaphore], shape: Tuple[int, ...], code: int) -> None:
+        """Start writing into ``segment`` (just published under the stream's name)."""
         self._shape, self._format = shape, code
         self._segment = segment
         self._semaphores = semaphores
         layout = segment.layout
         self._layout = layout
+        self._slots = layout.slot_count
         self._control = segment.control
         self._locks = segment.locks
         self._capacity = layout.slot_capacity
@@ -255,7 +299,9 @@ class Publisher:
         self._rebuild_views()
         self._wake_list: List[posix_ipc.Semaphore] = []
         self._ordered_entries: List[int] = []
+        self._holding_entries: List[int] = []
         self._changes_seen = b""
+        self._grow_seen = 0  # a new segment's growth requests count from 0
         self._rate_mark = (time.monotonic(), self._published)
         self._measured_fps = 0.0
         self._housekeeping()
@@ -263,8 +309,10 @@ class Publisher:
         self._write_text(SOURCE_OFFSET, SOURCE_SIZE, self._source)
         self._write_text(REASON_OFFSET, REASON_SIZE, self._reason)
         self._write_extra()
+        if hasattr(self, "_max_shm"):
+            self._write_growth()
         STATE_SINCE.pack_into(self._control, STATE_SINCE_OFFSET, time.time())
-        FRAME_COUNTERS.pack_into(self._control, FRAME_COUNTERS_OFFSET, self._seq, 0, self._stream_state, 0, 0.0)
+        FRAME_COUNTERS.pack_into(self._control, FRAME_COUNTERS_OFFSET, self._seq, NO_FRAME, self._stream_state, 0, 0.0)
 
     def _rebuild_views(self) -> None:
         data = self._segment.data  # type: ignore[union-attr]
@@ -278,7 +326,7 @@ class Publisher:
         self._meta_geometry = (shape[0], shape[1], shape[2] if len(shape) == 3 else 1, self._format, self._frame_bytes)
         layout = self._layout
         self._meta_offsets = [layout.meta(k) for k in range(layout.slot_count)]
-        self._changes_end = _CHANGES_START + layout.table_size
+        self._changes_end = CHANGES_OFFSET + layout.table_size
         self._map_offset = layout.map_offset
         self._map_mask = layout.map_size - 1
 
@@ -439,12 +487,113 @@ class Publisher:
         old_segment, old_semaphores = self._segment, self._semaphores
         assert old_segment is not None
         self._create(capacity, old_segment, shape, code)
-        # Tell readers of the old segment to move: mark it, wake them, then let it go.
+        self._let_go(old_segment, old_semaphores)
+
+    def _let_go(self, old_segment: Segment, old_semaphores: Sequence[posix_ipc.Semaphore]) -> None:
+        """Tell the readers of a segment this Publisher moved away from to follow (its frames stay
+        as they are: nothing writes them any more), wake them, then close it."""
         STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
             sem.release()
         # The old name now points at the new segment, so only the old semaphores are removed.
         self._close_segment(old_segment, old_semaphores, unlink=True)
+
+    # --- a ring that grows when readers need it (slots="auto") --------------------------------
+    #
+    # A reader that finds no free token in a growable ring writes a growth request in the header
+    # instead of giving up. The producer sees it with the change bytes, works out a larger size
+    # (half as large again, at least what was asked), and has a thread make that segment: a
+    # large ring takes a while to reserve, and the frame path must not wait for it. Between two
+    # frames it then moves to the new segment exactly as for a geometry change: readers follow by
+    # themselves, frames they hold stay valid, ordered readers finish the old segment first. Past
+    # ``max_shm`` (or MAX_SLOTS) it refuses the request in the header, and the reader gets a
+    # CapacityError that names the figure. Some time after readers leave (``shrink_after``) it
+    # moves back to its starting size the same way.
+
+    def _consider_growth(self, hold: int, request: int) -> None:
+        if self._growing is not None or self._prepared is not None:
+            return  # one move at a time: a reader still short after it asks again
+        layout = self._layout
+        free = sum(1 for token in range(layout.slot_count - 2) if not self._locks.held_by_other(LOCK_TOKEN_BASE + token))
+        needed = max(1, hold - free)
+        least = layout.slot_count + needed
+        if least > MAX_SLOTS:
+            self._refuse_growth(request, RingLayout.compute(MAX_SLOTS, self._capacity).total_size)
+            return
+        slots = min(MAX_SLOTS, max(least, -(-layout.slot_count * 3 // 2)))
+        if RingLayout.compute(slots, self._capacity).total_size > self._max_shm:
+            slots = least
+        size = RingLayout.compute(slots, self._capacity).total_size
+        if size > self._max_shm:
+            self._refuse_growth(request, size)
+            return
+        self._start_move(slots, f"a reader needed {needed} more slot(s)", request)
+
+    def _refuse_growth(self, request: int, needed_bytes: int) -> None:
+        GROWTH.pack_into(self._control, GROWTH_OFFSET, 1, request, needed_bytes, self._max_shm)
+
+    def _start_move(self, slots: int, why: str, request: int) -> None:
+        capacity, describe = self._capacity, _describe(self._shape, self._format)
+
+        def make() -> None:
+            try:
+                draft = DraftSegment(self._stream, slots, capacity, gid=self._gid, describe_frame=describe, probe=False)
+            except Exception as exc:  # noqa: BLE001 - /dev/shm full, and the like: refuse, keep going
+                self._grow_failure = (request, RingLayout.compute(slots, capacity).total_size, str(exc))
+            else:
+                self._prepared = (draft, why)
+
+        self._growing = threading.Thread(target=make, name=f"framebroker-move-{self._stream}", daemon=True)
+        self._growing.start()
+
+    def _finish_move(self) -> None:
+        """Between two frames: move to the segment made in the background (or say it failed)."""
+        failure, self._grow_failure = self._grow_failure, None
+        prepared, self._prepared = self._prepared, None
+        self._growing = None
+        if failure:
+            request, needed_bytes, reason = failure
+            log.warning("could not grow the ring of stream %r: %s", self._stream, reason)
+            self._refuse_growth(request, needed_bytes)
+            return
+        assert prepared is not None
+        draft, why = prepared
+        if draft.segment is None or draft.segment.layout.slot_capacity < self._frame_bytes:
+            draft.discard()  # the frames grew meanwhile (that move made its own segment)
+            return
+        old_segment, old_semaphores = self._segment, self._semaphores
+        before = self._layout.slot_count
+        segment, semaphores = draft.publish(replace=old_segment)
+        self._take(segment, semaphores, self._shape, self._format)
+        self._history.append({"at": round(time.time(), 3), "from": before, "to": segment.layout.slot_count, "why": why})
+        del self._history[:-HISTORY_KEPT]
+        self._write_growth()
+        assert old_segment is not None
+        self._let_go(old_segment, old_semaphores)
+        log.info("stream %r: ring %s from %d to %d slots (%s)", self._stream, "grew" if segment.layout.slot_count > before else "shrank", before, segment.layout.slot_count, why)
+
+    def _consider_shrinking(self) -> None:
+        """Housekeeping of a grown ring: back to the starting size once readers have needed no
+        more than it for ``shrink_after`` seconds."""
+        if self._slots <= self._initial_slots or self._growing is not None or self._prepared is not None:
+            self._quiet_since = 0.0
+            return
+        held = sum(1 for token in range(self._slots - 2) if self._locks.held_by_other(LOCK_TOKEN_BASE + token))
+        now = time.monotonic()
+        if held > self._initial_slots - 2:
+            self._quiet_since = 0.0
+        elif not self._quiet_since:
+            self._quiet_since = now
+        elif now - self._quiet_since >= self._shrink_after:
+            self._quiet_since = 0.0
+            self._start_move(self._initial_slots, "readers left: back to the starting size", 0)
+
+    def _write_growth(self) -> None:
+        _, refused, needed, _ = GROWTH.unpack_from(self._control, GROWTH_OFFSET)
+        GROWTH.pack_into(self._control, GROWTH_OFFSET, int(self._growable), refused, needed, self._max_shm)
+        if self._growable:
+            self._extra["ring"] = {"starting_slots": self._initial_slots, "max_shm_bytes": self._max_shm, "history": self._history}
+            self._write_extra()
 
     def _claim_slot(self) -> int:
         """The slot to write the next frame into, locked exclusively; -1 if every candidate is
@@ -511,7 +660,7 @@ class Publisher:
         _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
         # A reader that attached or changed mode since the last rescan is found now, after the
         # HEAD store and before the posts: one that read HEAD before this frame is woken for it.
-        if control[_CHANGES_START : self._changes_end] != self._changes_seen:
+        if control[GROW_REQUEST_OFFSET : self._changes_end] != self._changes_seen:
             self._refresh_readers()
         # Wake the readers first: what follows is bookkeeping that nobody waits for.
         for sem in self._wake_list:
@@ -527,6 +676,8 @@ class Publisher:
             recency.insert(0, slot)
         if timestamp_ns >= self._housekeeping_due_ns or self._published >= self._housekeeping_due_count:
             self._housekeeping(timestamp_ns)
+        if self._prepared is not None or self._grow_failure:
+            self._finish_move()  # a larger (or smaller) ring made in the background: move now
         # Lock the slot for the next frame now, while everything is in cache: after a frame period
         # of idling the same system call costs ten times as much. Readers that wait for the next
         # frame have given their slots back already, so this is the slot of the frame before.
@@ -547,6 +698,8 @@ class Publisher:
             self._rate_mark = (now, self._published)
         self._wall_offset = time.time() - time.monotonic_ns() / 1e9
         self._write_counters()
+        if self._growable and hasattr(self, "_max_shm"):
+            self._consider_shrinking()
 
     # --- readers ---------------------------------------------------------------------------
 
@@ -567,6 +720,11 @@ class Publisher:
                 undecided.append(offset)
         self._wake_list = wake
         self._ordered_entries = ordered
+        if self._growable:
+            request, hold = GROW_REQUEST.unpack_from(control, GROW_REQUEST_OFFSET)
+            if request != self._grow_seen:
+                self._grow_seen = request
+                self._consider_growth(hold, request)
         # A reader that attached but has not asked for a frame yet (a recorder still choosing
         # its encoder) may be about to read in order: lockstep waits for it to say.
         self._holding_entries = ordered + undecided

@@ -36,6 +36,7 @@ from ._layout import (
     MAP_ENTRY,
     META,
     NEWEST_SEQ,
+    NO_FRAME,
     NEWEST_SEQ_OFFSET,
     STATE,
     STATE_OFFSET,
@@ -157,8 +158,10 @@ class Reader:
     def _attach(self) -> Attachment:
         return attach(self._stream, self._name, self._hold, self._mode, self._flags, self._info)
 
-    def _reattach(self) -> bool:
-        """Move to a new segment under the stream's name if a live daemon serves one."""
+    def _reattach(self, moved: bool = False) -> bool:
+        """Attach to the segment that serves the stream's name now: the one its producer moved
+        to (``moved``: frames go on numbering there, unless that segment starts afresh, as a
+        results ring does for a new daemon), or a new daemon's (numbering starts again)."""
         old = self._attachment
         try:
             new = self._attach()
@@ -168,9 +171,13 @@ class Reader:
             return False
         if old is not None:
             old.detach(clear_entry=False)
-        log.info("reader %r: %s has a new %s (pid %d); re-attached", self._name, self._subject, self._PRODUCER, new.segment.header.owner_pid)
+        if moved:
+            log.debug("reader %r: %s moved to a new segment; followed", self._name, self._subject)
+        else:
+            log.info("reader %r: %s has a new %s (pid %d); re-attached", self._name, self._subject, self._PRODUCER, new.segment.header.owner_pid)
         self._attachment = new
-        self._last_seq = 0
+        if not moved or _unpack_head(new.control, LIVE_OFFSET)[0] < self._last_seq:  # type: ignore[arg-type]
+            self._last_seq = 0
         self._orphaned = False
         self._write_progress(new)
         if self._inbox is not None:
@@ -366,7 +373,9 @@ class Reader:
                     assert attachment is not None
                     continue
             last = self._last_seq
-            if mode == ReaderMode.LIVE:
+            if slot == NO_FRAME:
+                pass  # a segment the producer just moved to, without a frame yet: wait for one
+            elif mode == ReaderMode.LIVE:
                 if newest and not self._orphaned:
                     frame = attachment.held.get(slot)
                     if frame is not None and frame.seq == newest:
@@ -503,8 +512,10 @@ class Reader:
         if self._orphaned:
             return
         if state == StreamState.REPLACED:
+            if mode == ReaderMode.ORDERED and newest > self._last_seq:
+                return  # the frames still in this segment first: nothing writes them any more
             self._orphaned = True
-            self._reattach()
+            self._reattach(moved=True)
         elif state == StreamState.ENDED:
             if mode == ReaderMode.LIVE or newest <= self._last_seq:
                 raise SourceEnded(f"{self._subject} ended: {attachment.reason() or 'its source has no more frames'}")

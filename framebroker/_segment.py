@@ -17,7 +17,7 @@ import secrets
 import stat
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import posix_ipc
 
@@ -239,7 +239,8 @@ class Segment:
         self.close_descriptor()
 
 
-def _free_shm_bytes() -> Optional[int]:
+def free_shm_bytes() -> Optional[int]:
+    """Bytes free in /dev/shm (None if it cannot be told)."""
     try:
         st = os.statvfs(SHM_DIR)
     except OSError:
@@ -259,7 +260,7 @@ def _reserve(fd: int, layout: RingLayout, stream: str, what: str) -> None:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
             raise
-        free = _free_shm_bytes()
+        free = free_shm_bytes()
         free_text = f"only {_mib(free)} is free" if free is not None else "it is full"
         raise ShmSpaceError(
             f"cannot reserve {_mib(layout.total_size)} in {SHM_DIR} for stream {stream!r} "
@@ -430,93 +431,128 @@ def create_segment(
     gid: Optional[int],
     describe_frame: str,
     replace: Optional[Segment] = None,
-) -> tuple[Segment, list[posix_ipc.Semaphore]]:
+) -> Tuple[Segment, List[posix_ipc.Semaphore]]:
     """Create, reserve and publish a new segment for ``stream``; return it with its semaphores.
 
     The new segment is built under a draft name, fully initialised and owner-locked, and only
     then linked under the stream's name, so nobody ever sees a half-written header. With
-    ``replace`` (the owner growing its own segment) the draft atomically replaces the old one.
+    ``replace`` (the owner moving its own stream to a new segment) the draft atomically
+    replaces the old one.
     """
-    layout = RingLayout.compute(slot_count, slot_capacity)
-    path = segment_path(stream)
-    if replace is None:
-        _probe_existing(stream, path)
-    _remove_dead_drafts(stream)
-    epoch = secrets.randbits(63) | 1  # never 0, so "no epoch" can be told apart
-    draft = f"{SHM_DIR}/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}new.{os.getpid()}.{epoch:x}"
-    fd = os.open(draft, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    draft = DraftSegment(stream, slot_count, slot_capacity, gid=gid, describe_frame=describe_frame, probe=replace is None)
+    return draft.publish(replace)
+
+
+class DraftSegment:
+    """A new segment, reserved and initialised under a draft name, not yet under the stream's.
+
+    Making one may take a while (reserving hundreds of MiB), so a producer that grows its ring
+    makes it off its frame path and publishes it between two frames; ``publish`` is quick.
+    ``discard()`` removes what was made; both are safe to call on a half-built draft.
+    """
+
+    path = ""
     segment: Optional[Segment] = None
-    semaphores: list[posix_ipc.Semaphore] = []
-    try:
-        locks = ByteLocks(fd)
-        locks.try_exclusive(LOCK_OWNER)  # a brand-new file: nobody else can hold it
-        _apply_permissions(fd, gid)
-        _reserve(fd, layout, stream, describe_frame)
-        static = STATIC.pack(
-            MAGIC,
-            LAYOUT_VERSION,
-            HEADER_SIZE,
-            epoch,
-            os.getpid(),
-            os.geteuid(),
-            time.time(),
-            time.monotonic_ns(),
-            layout.slot_count,
-            layout.table_size,
-            layout.slot_stride,
-            layout.slot_capacity,
-            layout.meta_offset,
-            layout.map_offset,
-            layout.map_size,
-            DATA_ALIGNMENT,
-            layout.table_offset,
-            layout.data_offset,
-            layout.total_size,
-            stream.encode("ascii"),
-        )
-        os.pwrite(fd, static, 0)
-        st = os.fstat(fd)
-        header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, draft)
-        segment = Segment(stream, path, fd, header, st)
-        # One wake-up semaphore per reader-table entry, then the producer's own (the last).
-        names = [semaphore_name(stream, epoch, index) for index in range(layout.table_size)]
-        for name in names + [producer_semaphore_name(stream, epoch)]:
-            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0)
-            semaphores.append(sem)
-            _apply_permissions(f"{SHM_DIR}/sem.{name.lstrip('/')}", gid)
-        if replace is None:
-            try:
-                os.link(draft, path)
-            except FileExistsError:
-                # Another daemon won the race between our probe and now: report it like any
-                # live owner. Our draft goes away in the cleanup below.
-                _probe_existing(stream, path)
-                os.link(draft, path)
-        else:
-            os.rename(draft, path)
-            draft = ""
-        segment.path = path
-        named = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def __init__(self, stream: str, slot_count: int, slot_capacity: int, *, gid: Optional[int], describe_frame: str, probe: bool) -> None:
+        layout = RingLayout.compute(slot_count, slot_capacity)
+        self.stream = stream
+        self.final_path = segment_path(stream)
+        self.semaphores: List[posix_ipc.Semaphore] = []
+        if probe:
+            _probe_existing(stream, self.final_path)
+        _remove_dead_drafts(stream)
+        epoch = secrets.randbits(63) | 1  # never 0, so "no epoch" can be told apart
+        self.path = f"{SHM_DIR}/{SEGMENT_PREFIX}{stream}{OBJECT_SEPARATOR}new.{os.getpid()}.{epoch:x}"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if (os.fstat(named).st_ino, os.fstat(named).st_dev) != (st.st_ino, st.st_dev):
-                raise IncompatibleSegment(f"{path} was replaced while it was being created; try again")
-            segment.map(control_writable=True, data_access="rw", fd=named)
-        finally:
-            os.close(named)
-        return segment, semaphores
-    except BaseException:
-        discard_semaphores(semaphores, unlink=True)
-        if segment is not None:
-            segment.close()
-        else:
+            locks = ByteLocks(fd)
+            locks.try_exclusive(LOCK_OWNER)  # a brand-new file: nobody else can hold it
+            _apply_permissions(fd, gid)
+            _reserve(fd, layout, stream, describe_frame)
+            static = STATIC.pack(
+                MAGIC,
+                LAYOUT_VERSION,
+                HEADER_SIZE,
+                epoch,
+                os.getpid(),
+                os.geteuid(),
+                time.time(),
+                time.monotonic_ns(),
+                layout.slot_count,
+                layout.table_size,
+                layout.slot_stride,
+                layout.slot_capacity,
+                layout.meta_offset,
+                layout.map_offset,
+                layout.map_size,
+                DATA_ALIGNMENT,
+                layout.table_offset,
+                layout.data_offset,
+                layout.total_size,
+                stream.encode("ascii"),
+            )
+            os.pwrite(fd, static, 0)
+            st = os.fstat(fd)
+            header = parse_static_header(os.pread(fd, HEADER_SIZE, 0), st, self.path)
+            self.segment = Segment(stream, self.final_path, fd, header, st)
+        except BaseException:
             os.close(fd)
-        raise
-    finally:
-        if draft:
+            self.discard()
+            raise
+        try:
+            # One wake-up semaphore per reader-table entry, then the producer's own (the last).
+            names = [semaphore_name(stream, epoch, index) for index in range(layout.table_size)]
+            for name in names + [producer_semaphore_name(stream, epoch)]:
+                self.semaphores.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, 0o600, 0))
+                _apply_permissions(f"{SHM_DIR}/sem.{name.lstrip('/')}", gid)
+        except BaseException:
+            self.discard()
+            raise
+
+    def publish(self, replace: Optional[Segment] = None) -> Tuple[Segment, List[posix_ipc.Semaphore]]:
+        """Link the draft under the stream's name (or atomically over ``replace``) and map it."""
+        segment = self.segment
+        assert segment is not None
+        path = self.final_path
+        try:
+            if replace is None:
+                try:
+                    os.link(self.path, path)
+                except FileExistsError:
+                    # Another daemon won the race between our probe and now: report it like any
+                    # live owner. Our draft goes away below.
+                    _probe_existing(self.stream, path)
+                    os.link(self.path, path)
+                os.unlink(self.path)
+            else:
+                os.rename(self.path, path)
+            self.path = ""
+            named = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             try:
-                os.unlink(draft)
+                if segment.inode != (os.fstat(named).st_dev, os.fstat(named).st_ino):
+                    raise IncompatibleSegment(f"{path} was replaced while it was being created; try again")
+                segment.map(control_writable=True, data_access="rw", fd=named)
+            finally:
+                os.close(named)
+        except BaseException:
+            self.discard()
+            raise
+        self.segment = None
+        return segment, self.semaphores
+
+    def discard(self) -> None:
+        discard_semaphores(self.semaphores, unlink=True)
+        self.semaphores = []
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+        if self.path:
+            try:
+                os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            self.path = ""
 
 
 def open_segment(stream: str, *, for_status: bool = False) -> Segment:

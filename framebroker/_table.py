@@ -15,6 +15,7 @@ import posix_ipc
 
 from ._layout import (
     CHANGES_OFFSET,
+    GROW_REQUEST_OFFSET,
     ENTRY_FLAGS,
     ENTRY_FLAGS_OFFSET,
     ENTRY_GENERATION,
@@ -84,8 +85,9 @@ def read_entry(buf: Any, offset: int) -> Dict[str, Any]:
 
 
 def changes(control: Any, layout: RingLayout) -> bytes:
-    """The change bytes of every entry, to compare with the copy taken at the last rescan."""
-    return control[CHANGES_OFFSET : CHANGES_OFFSET + layout.table_size]
+    """The change bytes of every entry, with the growth request before them, to compare with
+    the copy taken at the last rescan."""
+    return control[GROW_REQUEST_OFFSET : CHANGES_OFFSET + layout.table_size]
 
 
 def note_change(control: Any, index: int) -> None:
