@@ -37,6 +37,7 @@ from ._layout import (
 )
 from ._reader import RATE_WINDOW_NS
 from ._segment import Segment, list_stream_names, open_segment
+from ._supervision import describe_supervisors, render_supervisors
 from ._table import live_entries, read_entry
 
 SCHEMA_VERSION = 1
@@ -170,6 +171,8 @@ def collect(name: Optional[str] = None) -> dict[str, Any]:
         "time": time.time(),
         "host": os.uname().nodename,
         "streams": [describe_stream(n) for n in names],
+        # framebroker up's children (of stream ``name`` only, if given): _supervision.py
+        "supervisors": describe_supervisors(name),
     }
 
 
@@ -218,8 +221,9 @@ def render_table(document: dict[str, Any]) -> str:
     """The human-readable form of a ``collect()`` document."""
     lines: list[str] = []
     streams = document["streams"]
+    supervisors = render_supervisors(document.get("supervisors", []), document.get("time"))
     if not streams:
-        return "no streams (start one with: framebroker serve test:// --name cam0)\n"
+        return "\n".join(["no streams (start one with: framebroker serve test:// --name cam0)", ""] + supervisors).rstrip() + "\n"
     now = document.get("time") or time.time()
     for stream in streams:
         lines.append(f"stream {stream['name']}: {state_line(stream, now)}")
@@ -253,7 +257,7 @@ def render_table(document: dict[str, Any]) -> str:
                     f"{reader['dropped']:>8} {reader['held']:>2}/{reader['hold']:<2}  {_since(reader['attached_since']):<8}  {info_text}"
                 )
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines + supervisors).rstrip() + "\n"
 
 
 __all__ = ["SCHEMA_VERSION", "collect", "describe_readers", "describe_segment", "describe_stream", "render_table", "state_line"]
