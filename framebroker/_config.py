@@ -397,7 +397,7 @@ def _words(value: Any, flag: str) -> str:
     if isinstance(value, bool):
         raise _BadValue(f"{flag} takes a value, not {'true' if value else 'false'}")
     if isinstance(value, (dict, list)):
-        raise _BadValue(f"{flag} takes a single value here, not {'a table' if isinstance(value, dict) else 'a nested list'}")
+        raise _BadValue(f"{flag} takes a single value here, not {'a table' if isinstance(value, dict) else 'a list'}")
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, (int, str)):

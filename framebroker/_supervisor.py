@@ -235,7 +235,7 @@ class Supervisor:
             self._publish()
 
     def _daemon_of(self, stream: str) -> Optional[Child]:
-        return self.children.get(next((name for name, c in self.children.items() if c.spec.is_daemon and c.spec.stream == stream), ""))
+        return next((child for child in self.children.values() if child.spec.is_daemon and child.spec.stream == stream), None)
 
     def _stream_served(self, stream: str) -> bool:
         daemon = self._daemon_of(stream)
