@@ -85,7 +85,7 @@ class ConfigError(ValueError):
 
     def describe(self) -> str:
         shown = os.path.relpath(self.path) if not os.path.relpath(self.path).startswith("..") else self.path
-        lines = []
+        lines = [f"{len(self.problems)} problems in the config file:"] if len(self.problems) > 1 else []
         for problem in self.problems:
             where = f"{problem.where}: " if problem.where else ""
             lines.append(f"{shown}:{problem.line}: {where}{problem.message}" if problem.line else f"{shown}: {where}{problem.message}")

@@ -20,13 +20,16 @@ It prints the unit (``--install`` writes it into /etc/systemd/system). What the 
 
 from __future__ import annotations
 
+import argparse
+import grp
 import os
 import pwd
 import re
 import sys
 from typing import Dict, List, Optional
 
-from ._config import Config
+from ._config import Config, load_config
+from ._errors import FrameBrokerError
 
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 DEFAULT_WATCHDOG = 30.0
@@ -138,6 +141,50 @@ def render_unit(
     return "\n".join(lines) + "\n"
 
 
+def service_command(args: argparse.Namespace) -> int:
+    """``framebroker service``: check the file (with ``--environment-file``'s variables), then print
+    the unit or install it. ValueError for a usage error, FrameBrokerError if it cannot write."""
+    added: Dict[str, Optional[str]] = {}
+    if args.environment_file:
+        try:
+            environment = read_environment_file(args.environment_file)
+        except OSError as exc:
+            raise ValueError(f"--environment-file {args.environment_file}: {exc.strerror or exc}") from None
+        added = {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)  # for the check only: ${NAME} in sources
+    try:
+        config = load_config(args.config)
+    finally:
+        for name, value in added.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    user = args.user or default_user()
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError(f"--user {user}: no such user (create one: useradd --system --groups video {user})") from None
+    for group in args.group:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise ValueError(f"--group {group}: no such group (create it with groupadd {group}, or pick an existing one)") from None
+    name = args.name or default_unit_name(config.path)
+    text = render_unit(config, user=user, groups=args.group, watchdog=args.watchdog, environment_file=args.environment_file, unit_name=name)
+    if not args.install:
+        sys.stdout.write(text)
+        return 0
+    try:
+        path = install_unit(text, name, args.unit_dir)
+    except OSError as exc:
+        hint = ": run it as root (sudo), or choose --unit-dir" if isinstance(exc, PermissionError) else ""
+        raise FrameBrokerError(f"cannot write the unit into {args.unit_dir}: {exc.strerror or exc}{hint}") from None
+    print(f"wrote {path}")
+    print(f"now: systemctl daemon-reload && systemctl enable --now {name}   (logs: journalctl -u {name})")
+    return 0
+
+
 def install_unit(text: str, unit_name: str, unit_dir: str = DEFAULT_UNIT_DIR) -> str:
     """Write the unit (mode 0644, replacing one of the same name); its path. OSError if it cannot."""
     path = os.path.join(unit_dir, f"{unit_name}.service")
@@ -149,4 +196,12 @@ def install_unit(text: str, unit_name: str, unit_dir: str = DEFAULT_UNIT_DIR) ->
     return path
 
 
-__all__ = ["default_unit_name", "default_user", "install_unit", "read_environment_file", "render_unit", "systemd_word"]
+__all__ = [
+    "default_unit_name",
+    "default_user",
+    "install_unit",
+    "read_environment_file",
+    "render_unit",
+    "service_command",
+    "systemd_word",
+]

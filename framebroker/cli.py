@@ -26,7 +26,6 @@ from ._layout import MAX_SLOTS, MIN_SLOTS
 from .arguments import float_in, int_in, stream_name
 
 if TYPE_CHECKING:
-    from ._config import Config
     from ._daemon import Daemon
 
 EXIT_OK = 0
@@ -508,18 +507,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.name, args.duration)
 
 
-def _load_config(path: str) -> "Config":
+def _up(args: argparse.Namespace) -> int:
     from ._config import ConfigError, load_config
 
     try:
-        return load_config(path)
+        config = load_config(args.config)
     except ConfigError as exc:
-        count = len(exc.problems)
-        raise UsageError(str(exc) if count == 1 else f"{count} problems in the config file:\n{exc}") from None
-
-
-def _up(args: argparse.Namespace) -> int:
-    config = _load_config(args.config)
+        raise UsageError(str(exc)) from None
     if args.check:
         print(f"{args.config}: OK: {len(config.streams)} stream(s), {len(config.children)} children:")
         width = max(len(child.name) for child in config.children)
@@ -532,54 +526,12 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _service(args: argparse.Namespace) -> int:
-    import grp
-    import pwd
+    from ._service import service_command
 
-    from ._service import default_unit_name, default_user, install_unit, read_environment_file, render_unit
-
-    added: dict[str, Optional[str]] = {}
-    if args.environment_file:
-        try:
-            environment = read_environment_file(args.environment_file)
-        except OSError as exc:
-            raise UsageError(f"--environment-file {args.environment_file}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise UsageError(f"--environment-file: {exc}") from None
-        added = {name: os.environ.get(name) for name in environment}
-        os.environ.update(environment)  # for the check only: ${NAME} in sources
     try:
-        config = _load_config(args.config)
-    finally:
-        for name, value in added.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    user = args.user or default_user()
-    try:
-        pwd.getpwnam(user)
-    except KeyError:
-        raise UsageError(f"--user {user}: no such user (create one: useradd --system --groups video {user})") from None
-    for group in args.group:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            raise UsageError(f"--group {group}: no such group (create it with groupadd {group}, or pick an existing one)") from None
-    name = args.name or default_unit_name(config.path)
-    text = render_unit(
-        config, user=user, groups=args.group, watchdog=args.watchdog, environment_file=args.environment_file, unit_name=name
-    )
-    if not args.install:
-        sys.stdout.write(text)
-        return EXIT_OK
-    try:
-        path = install_unit(text, name, args.unit_dir)
-    except OSError as exc:
-        hint = ": run it as root (sudo), or choose --unit-dir" if isinstance(exc, PermissionError) else ""
-        raise FrameBrokerError(f"cannot write the unit into {args.unit_dir}: {exc.strerror or exc}{hint}") from None
-    print(f"wrote {path}")
-    print(f"now: systemctl daemon-reload && systemctl enable --now {name}   (logs: journalctl -u {name})")
-    return EXIT_OK
+        return service_command(args)
+    except ValueError as exc:  # the config file's problems, an unknown user or group
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
