@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List
 import pytest
 
 from framebroker import cli
-from framebroker._config import LATER, SECTION_COMMANDS, KeyLines, _command_parsers
+from framebroker._config import LATER, SECTION_COMMANDS, _command_parsers
+from framebroker._toml_lines import KeyLines
 from framebroker._status import describe_stream
 from framebroker._supervision import describe_supervisors, state_path
 
