@@ -118,7 +118,7 @@ def _clock(wall: Optional[float]) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall)) if wall else "-"
 
 
-def status_fragment(stream: dict[str, Any], preview: dict[str, Any]) -> str:
+def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors: Optional[list] = None) -> str:
     """The status part of the page: the same facts as ``framebroker status NAME``, escaped."""
     e = html.escape
     state = stream["state"]
@@ -173,6 +173,7 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any]) -> str:
             parts.append(f'<table class="readers"><tr>{header}</tr>{"".join(rows)}</table>')
         else:
             parts.append("<p>no readers</p>")
+    parts += _supervised_fragment(supervisors or [])
     viewers = preview["viewers"]
     limit = f"at most {preview['max_fps']:g} fps" if preview["max_fps"] else "every frame"
     parts.append(
@@ -181,6 +182,25 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any]) -> str:
         '<a href="metrics">metrics</a> &middot; <a href="status.json">status.json</a></p>'
     )
     return "\n".join(parts)
+
+
+def _supervised_fragment(supervisors: list) -> list[str]:
+    """The stream's processes that ``framebroker up`` runs (the status document's ``supervisors``)."""
+    e = html.escape
+    parts = []
+    for supervisor in supervisors:
+        if "error" in supervisor or not supervisor.get("alive"):
+            reason = supervisor.get("error") or f"framebroker up pid {supervisor['pid']} is gone: nothing restarts them"
+            parts.append(f'<p class="message">{e(reason)}</p>')
+            continue
+        rows = []
+        for child in supervisor["children"]:
+            cells = [child["name"], child["state"], str(child.get("pid") or "-"), str(child["restarts"]), child.get("last_exit") or "-"]
+            rows.append("<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in cells) + "</tr>")
+        header = "".join(f"<th>{h}</th>" for h in ("process", "state", "pid", "restarts", "last exit"))
+        parts.append(f"<h3>supervised by framebroker up (pid {supervisor['pid']})</h3>")
+        parts.append(f'<table class="readers"><tr>{header}</tr>{"".join(rows)}</table>')
+    return parts
 
 
 # --- HTTP -----------------------------------------------------------------------------------------
@@ -224,7 +244,7 @@ class PreviewHandler(BaseHTTPRequestHandler):
                 self._mjpeg()
             elif path == "/status.html":
                 document = self.server.status()
-                self._send(HTTPStatus.OK, "text/html; charset=utf-8", status_fragment(document["streams"][0], document["preview"]).encode())
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", status_fragment(document["streams"][0], document["preview"], document.get("supervisors")).encode())
             elif path == "/status.json":
                 self._send(HTTPStatus.OK, "application/json", json.dumps(self.server.status(), indent=2).encode())
             elif path == "/metrics":
@@ -251,7 +271,7 @@ class PreviewHandler(BaseHTTPRequestHandler):
         page = PAGE.format(
             name=html.escape(self.server.stream),
             host=html.escape(document["host"]),
-            status=status_fragment(document["streams"][0], document["preview"]),
+            status=status_fragment(document["streams"][0], document["preview"], document.get("supervisors")),
         )
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
 

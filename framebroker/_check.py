@@ -22,6 +22,7 @@ from ._errors import FrameBrokerError, FrameTimeout, SourceEnded, SourceError
 from ._layout import STREAM_NAME_RE, segment_path
 from ._reader import Reader
 from ._status import describe_stream, state_line
+from ._supervision import child_line, describe_supervisors
 
 # Measured fps below this share of the configured rate earns a warning (not a failure).
 SLOW_SHARE = 0.8
@@ -85,6 +86,7 @@ class Report:
     ended: str = ""
     last_image: Optional[np.ndarray] = None
     notes: list[str] = field(default_factory=list)
+    supervisors: list[dict] = field(default_factory=list)  # framebroker up's, for this stream
 
     def measured_fps(self) -> float:
         """Frames per second of capture time (arrival time when the source gives none)."""
@@ -274,6 +276,7 @@ def check_stream(name: str, *, seconds: float, timeout: float, say: Callable[[st
         report.notes.append(f"this check skipped {missed} frame{'s' if missed > 1 else ''} of the stream (it reads the newest frame, so a busy machine skips)")
     if "configured_fps" in after:
         report.configured_fps = after["configured_fps"] or report.configured_fps
+    report.supervisors = describe_supervisors(name)
     return report
 
 
@@ -312,12 +315,32 @@ def summarize(report: Report, snapshot: Optional[str], say: Callable[[str], None
         say(f"  the source ended during the check: {report.ended}")
     if snapshot:
         say(f"  snapshot: {snapshot}")
+    warnings += _supervised(report, say)
     if report.configured_fps and count > 1 and not report.ended and measured < SLOW_SHARE * report.configured_fps:
         warnings.append(
             f"measured {measured:.1f} fps is {measured / report.configured_fps:.0%} of the configured {report.configured_fps:g}: "
             "the camera delivers fewer frames (low light lengthens exposure; USB bandwidth; CPU load)"
         )
     return count > 0, warnings
+
+
+def _supervised(report: Report, say: Callable[[str], None]) -> list[str]:
+    """Say what framebroker up runs for the stream; a child that is not running is a warning
+    (frames may flow while the recorder keeps dying)."""
+    warnings = []
+    for supervisor in report.supervisors:
+        if "error" in supervisor:
+            say(f"  supervisor: {supervisor['error']}")
+            continue
+        if not supervisor["alive"]:
+            warnings.append(f"framebroker up pid {supervisor['pid']} ({supervisor.get('config', '?')}) is gone: nothing restarts this stream's processes")
+            continue
+        say(f"  supervised by framebroker up pid {supervisor['pid']} ({supervisor.get('config', '?')}):")
+        for child in supervisor["children"]:
+            say(f"    {child_line(child)}")
+            if child["state"] not in ("running", "finished"):
+                warnings.append(child_line(child))
+    return warnings
 
 
 __all__ = ["CheckFailed", "Report", "Target", "check_source", "check_stream", "resolve_target", "summarize"]

@@ -39,6 +39,7 @@ from ._layout import (
 from ._reader import RATE_WINDOW_NS
 from ._results import model_ring_names
 from ._segment import Segment, list_stream_names, open_segment
+from ._supervision import describe_supervisors, render_supervisors
 from ._table import live_entries, read_entry
 
 SCHEMA_VERSION = 1
@@ -219,6 +220,8 @@ def collect(name: Optional[str] = None) -> dict[str, Any]:
         "time": time.time(),
         "host": os.uname().nodename,
         "streams": [describe_stream(n) for n in names],
+        # framebroker up's children (of stream ``name`` only, if given): _supervision.py
+        "supervisors": describe_supervisors(name),
     }
 
 
@@ -267,8 +270,9 @@ def render_table(document: dict[str, Any]) -> str:
     """The human-readable form of a ``collect()`` document."""
     lines: list[str] = []
     streams = document["streams"]
+    supervisors = render_supervisors(document.get("supervisors", []), document.get("time"))
     if not streams:
-        return "no streams (start one with: framebroker serve test:// --name cam0)\n"
+        return "\n".join(["no streams (start one with: framebroker serve test:// --name cam0)", ""] + supervisors).rstrip() + "\n"
     now = document.get("time") or time.time()
     for stream in streams:
         lines.append(f"stream {stream['name']}: {state_line(stream, now)}")
@@ -304,7 +308,7 @@ def render_table(document: dict[str, Any]) -> str:
         for model in stream.get("models", []):
             lines.extend(_model_lines(model))
         lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines + supervisors).rstrip() + "\n"
 
 
 def _model_lines(model: dict[str, Any]) -> list[str]:

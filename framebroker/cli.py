@@ -19,11 +19,14 @@ import signal
 import sys
 import time
 from types import ModuleType
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
 from ._layout import MAX_SLOTS, MIN_SLOTS
 from .arguments import float_in, int_in, stream_name
+
+if TYPE_CHECKING:
+    from ._daemon import Daemon
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -75,7 +78,9 @@ class _CommandParser(argparse.ArgumentParser):
         self._client = client
         self._complete = False
 
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+    def complete(self) -> argparse.ArgumentParser:
+        """Add the options that come last or from the client module (once); return the parser.
+        ``framebroker up`` calls it to learn a command's options without parsing anything."""
         if not self._complete:
             if self._client:
                 load_client(self._client).add_arguments(self)
@@ -84,6 +89,10 @@ class _CommandParser(argparse.ArgumentParser):
             # absent here, the value from before the name (or its default) stays.
             self.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help=LOG_LEVEL_HELP)
             self._complete = True
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.complete()
         return super().parse_known_args(args, namespace)
 
 
@@ -187,6 +196,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--name", type=stream_name, default="demo", help="stream name (default demo)")
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
 
+    up = commands.add_parser(
+        "up",
+        help="run every stream, recorder and preview a config file declares, each supervised (restarted when it dies)",
+        description=(
+            "Run what CONFIG.toml declares: [streams.NAME] tables take serve's options (source = \"csi://0\", fps = 30, "
+            "...), their sub-tables [streams.NAME.record], [streams.NAME.view], ... the options of those commands "
+            "(examples in docs/). Each is a child process, restarted with backoff when it dies; its log lines are "
+            "prefixed with its name. SIGHUP reads the file again and restarts only what changed; SIGTERM/SIGINT stop "
+            "the readers, then the daemons, and leave /dev/shm clean. Under systemd (framebroker service) it "
+            "reports READY=1, WATCHDOG=1 and STATUS=."
+        ),
+    )
+    up.add_argument("config", metavar="CONFIG.toml", help="the config file (relative paths in it are relative to its folder)")
+    up.add_argument(
+        "--check", action="store_true", help="only check the file: exit 0 if it can run, 2 naming each problem's key and line"
+    )
+
+    service = commands.add_parser(
+        "service",
+        help="print (or --install) the systemd unit that runs framebroker up CONFIG.toml at boot",
+        description="Check CONFIG.toml, then print a systemd unit that runs framebroker up with it (Type=notify, "
+        "WatchdogSec, restart on failure, readers stopped before daemons, /dev/shm shared), or write it with --install.",
+    )
+    service.add_argument("config", metavar="CONFIG.toml", help="the config file the service runs")
+    service.add_argument("--install", action="store_true", help="write the unit into --unit-dir instead of printing it (root)")
+    service.add_argument("--user", help="run as this user (default: you, or the user behind sudo)")
+    service.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="also in this group (repeatable; SupplementaryGroups=): video for cameras; streams' own group keys are added",
+    )
+    service.add_argument("--name", metavar="UNIT", help="unit name (default: framebroker-<config file name>)")
+    service.add_argument("--unit-dir", metavar="DIR", default="/etc/systemd/system", help="where --install writes (default /etc/systemd/system)")
+    service.add_argument(
+        "--environment-file",
+        metavar="FILE",
+        help="NAME=value lines for the ${NAME} in sources and outputs (EnvironmentFile=, mode 0600); the check uses them",
+    )
+    service.add_argument(
+        "--watchdog",
+        type=float_in(0, 86400, "--watchdog", low_inclusive=True),
+        default=30.0,
+        metavar="S",
+        help="WatchdogSec= (default 30; 0: no watchdog)",
+    )
+
     for command, (module, help_text) in CLIENT_COMMANDS.items():
         commands.add_parser(command, help=help_text, description=help_text, client=module)
     return parser
@@ -206,7 +263,10 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _serve(args: argparse.Namespace) -> int:
+def build_daemon(args: argparse.Namespace) -> "Daemon":
+    """The daemon ``serve`` would run for these arguments, not started: every mistake in them is a
+    UsageError, and a file source that is not there a SourceError (``framebroker up --check``
+    validates a config file's streams with this too)."""
     from ._daemon import Daemon
     from .sources._uri import check_file_exists
 
@@ -225,6 +285,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     # Cameras and servers are waited for; a file that is not there now is a mistake (exit 1).
     check_file_exists(daemon.spec)
+    return daemon
+
+
+def _serve(args: argparse.Namespace) -> int:
+    daemon = build_daemon(args)
     daemon.install_signal_handlers()
     return daemon.run()
 
@@ -442,6 +507,33 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.name, args.duration)
 
 
+def _up(args: argparse.Namespace) -> int:
+    from ._config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.check:
+        print(f"{args.config}: OK: {len(config.streams)} stream(s), {len(config.children)} children:")
+        width = max(len(child.name) for child in config.children)
+        for child in config.children:
+            print(f"  {child.name:<{width}}  {child.display()}")
+        return EXIT_OK
+    from ._supervisor import run_up
+
+    return run_up(config)
+
+
+def _service(args: argparse.Namespace) -> int:
+    from ._service import service_command
+
+    try:
+        return service_command(args)
+    except ValueError as exc:  # the config file's problems, an unknown user or group
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -450,7 +542,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"framebroker: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     _configure_logging(args.log_level)
-    handlers = {"serve": _serve, "status": _status, "check": _check, "demo": _demo, "clean": _clean, "trigger": _trigger}
+    handlers = {
+        "serve": _serve,
+        "status": _status,
+        "check": _check,
+        "demo": _demo,
+        "clean": _clean,
+        "trigger": _trigger,
+        "up": _up,
+        "service": _service,
+    }
     try:
         handler = handlers.get(args.command)
         if handler is not None:

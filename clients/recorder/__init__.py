@@ -100,6 +100,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reader-name", default="recorder", help="name shown by framebroker status")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError for what the parser cannot judge (options that go together, directories
+    that must exist), starting nothing: ``framebroker up --check`` calls it for a config file."""
+    _check_encoder(args)
+    _build_outputs(args)
+
+
+def _check_encoder(args: argparse.Namespace) -> None:
+    if args.encoder != "auto" and args.encoder not in ENCODERS:
+        raise _UsageError(f"unknown --encoder {args.encoder!r}; choose auto or one of: {', '.join(ENCODERS)}")
+
+
 def _keyframe_interval(segment: Optional[float]) -> Fraction:
     """At most MAX_KEYFRAME_INTERVAL s, and dividing the segment length so cuts land on keyframes."""
     if segment is None:
@@ -210,9 +222,8 @@ def _usage(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.encoder != "auto" and args.encoder not in ENCODERS:
-        return _usage(f"unknown --encoder {args.encoder!r}; choose auto or one of: {', '.join(ENCODERS)}")
     try:
+        _check_encoder(args)
         outputs, clips = _build_outputs(args)
     except (_UsageError, ValueError) as exc:
         return _usage(str(exc))
