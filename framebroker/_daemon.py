@@ -13,11 +13,11 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from ._errors import FrameBrokerError, SourceEnded
 from ._layout import RingLayout
-from ._publisher import DEFAULT_SLOTS, Publisher, check_shape
+from ._publisher import AUTO_SLOTS, DEFAULT_SLOTS, SHRINK_AFTER, Publisher, check_shape
 from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
@@ -41,8 +41,10 @@ class Daemon:
         height: Optional[int] = None,
         fps: Optional[float] = None,
         pixel_format: str = "bgr",
-        slots: int = DEFAULT_SLOTS,
+        slots: Union[int, str] = AUTO_SLOTS,
         group: Optional[str] = None,
+        max_shm: Optional[int] = None,
+        shrink_after: float = SHRINK_AFTER,
     ) -> None:
         self.stop = threading.Event()
         self.spec = parse_source(source_uri)
@@ -52,12 +54,14 @@ class Daemon:
         # Everything that can be wrong with the arguments is found here, before anything starts,
         # so the CLI can report it as a usage error (exit 2).
         check_shape(self.source.provisional_shape(), pixel_format)
-        RingLayout.compute(slots, 0)
+        RingLayout.compute(DEFAULT_SLOTS if slots == AUTO_SLOTS else slots, 0)  # type: ignore[arg-type]
         resolve_group(group)
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots
         self.group = group
+        self.max_shm = max_shm
+        self.shrink_after = shrink_after
         self.publisher: Optional[Publisher] = None
         self._known_readers: Dict[Tuple[int, int], str] = {}
         self._next_reader_scan = 0.0
@@ -80,6 +84,8 @@ class Daemon:
             format=self.pixel_format,
             slots=self.slots,
             group=self.group,
+            max_shm=self.max_shm,
+            shrink_after=self.shrink_after,
             source=self.spec.display,
         )
         publisher = self.publisher

@@ -100,6 +100,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     layout = segment.layout
     newest, _slot, state, last_mono_ns, last_wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     published = newest  # every published frame gets the next seq
+    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
     fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
     configured_fps, measured_fps, source_drops, publisher_drops, reconnects, source_errors = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
     (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
@@ -143,9 +144,22 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
         "shm_bytes": layout.total_size,
         "mode": f"{segment.mode:04o}",
         "gid": segment.gid,
-        "info": _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])),
+        "info": info,
+        **_ring_growth(info),
         "readers": describe_readers(segment),
         "models": describe_models(segment.stream, newest, header.epoch),
+    }
+
+
+def _ring_growth(info: Any) -> dict[str, Any]:
+    """A growing ring's limit and its size changes (``serve --slots auto``); nulls for a fixed one."""
+    ring = info.get("ring") if isinstance(info, dict) else None
+    if not isinstance(ring, dict):
+        return {"max_shm_bytes": None, "starting_slots": None, "ring_history": []}
+    return {
+        "max_shm_bytes": ring.get("max_shm_bytes"),
+        "starting_slots": ring.get("starting_slots"),
+        "ring_history": ring.get("history", []),
     }
 
 
@@ -292,6 +306,7 @@ def render_table(document: dict[str, Any]) -> str:
             f"  daemon pid {stream['pid']}{' (gone)' if dead else ''}   up {'-' if dead else _age(stream['uptime_s'])}   "
             f"{stream['slots']} slots, {stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
         )
+        lines.extend(_growth_lines(stream))
         readers = stream["readers"]
         if not readers:
             lines.append("  no readers")
@@ -311,11 +326,25 @@ def render_table(document: dict[str, Any]) -> str:
     return "\n".join(lines + supervisors).rstrip() + "\n"
 
 
+def _growth_lines(stream: dict[str, Any]) -> list[str]:
+    if stream.get("max_shm_bytes") is None:
+        return []
+    text = f"  ring grows as readers need: started at {stream['starting_slots']} slots, up to {stream['max_shm_bytes'] / (1 << 20):.0f} MiB"
+    history = stream.get("ring_history") or []
+    if history:
+        last = history[-1]
+        verb = "grew" if last["to"] > last["from"] else "shrank"
+        text += f"; {verb} from {last['from']} to {last['to']} at {_since(last['at'])} ({last['why']})"
+        if len(history) > 1:
+            text += f", {len(history)} changes in all"
+    return [text]
+
+
 def _model_lines(model: dict[str, Any]) -> list[str]:
     if "error" in model:
         return [f"  model {model['name']}: {model['state']}: {model['error']}"]
     lag = "-" if model["lag"] is None else str(model["lag"])
-    latency = "-" if model["latency_p50_ms"] is None else f"{model['latency_p50_ms']:.0f}/{model['latency_p99_ms']:.0f} ms"
+    latency = "-" if model["latency_p50_ms"] is None else f"{model['latency_p50_ms']:.1f}/{model['latency_p99_ms']:.1f} ms"
     writer = f"writer pid {model['pid']}" + ("" if model["alive"] else " (gone)")
     readers = ", ".join(f"{r['name']} (pid {r['pid']})" for r in model["readers"]) or "none"
     return [

@@ -16,7 +16,7 @@ import argparse
 import math
 from typing import Callable
 
-from ._layout import validate_stream_name
+from ._layout import MAX_SLOTS, MIN_SLOTS, validate_stream_name
 
 
 def stream_name(text: str) -> str:
@@ -60,3 +60,36 @@ def float_in(low: float, high: float, what: str, *, low_inclusive: bool = False)
 
 
 __all__ = ["float_in", "int_in", "stream_name"]
+
+
+def slots(text: str) -> "int | str":
+    """``--slots``: "auto" (a ring that grows when readers need it) or a fixed number of frames."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return int_in(MIN_SLOTS, MAX_SLOTS, "--slots")(text)
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def size_bytes(what: str) -> Callable[[str], int]:
+    """A size such as 512M, 2G or 1048576 (bytes; K, M, G, T are powers of 1024)."""
+
+    def parse(text: str) -> int:
+        raw = text.strip().upper()
+        if raw.endswith("IB"):
+            raw = raw[:-2]
+        elif raw.endswith("B"):
+            raw = raw[:-1]
+        number, unit = raw, ""
+        if raw and raw[-1] in "KMGT":
+            number, unit = raw[:-1], raw[-1]
+        try:
+            value = float(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a size such as 512M or 2G, got {text!r}") from None
+        if not value > 0 or value * _SIZE_UNITS[unit] > 1 << 50:
+            raise argparse.ArgumentTypeError(f"{what} must be a size above 0 such as 512M or 2G, got {text!r}")
+        return int(value * _SIZE_UNITS[unit])
+
+    return parse

@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
-from ._layout import MAX_SLOTS, MIN_SLOTS
+from . import arguments
 from .arguments import float_in, int_in, stream_name
 
 if TYPE_CHECKING:
@@ -129,9 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--format", choices=["bgr", "rgb", "gray"], default="bgr", help="pixel format in the ring (default bgr)")
     serve.add_argument(
         "--slots",
-        type=int_in(MIN_SLOTS, MAX_SLOTS, "--slots"),
-        default=12,
-        help="frames in the ring (default 12); readers may hold at most SLOTS-2 frames between them",
+        type=arguments.slots,
+        default="auto",
+        help="frames in the ring: auto (default) starts at 12 and grows when readers need more, within "
+        "--max-shm; a number fixes it (readers may then hold at most SLOTS-2 frames between them)",
+    )
+    serve.add_argument(
+        "--max-shm",
+        type=arguments.size_bytes("--max-shm"),
+        metavar="SIZE",
+        help="most /dev/shm a growing ring may take, e.g. 512M or 2G (default: half of what /dev/shm has free at start)",
+    )
+    serve.add_argument(
+        "--shrink-after",
+        type=float_in(0, 86400, "--shrink-after", low_inclusive=True),
+        default=60.0,
+        metavar="S",
+        help="a grown ring goes back to its starting size once readers have needed no more for S seconds (default 60)",
     )
     serve.add_argument("--group", help="open the stream to this group (mode 0660) instead of private (0600)")
 
@@ -280,6 +294,8 @@ def build_daemon(args: argparse.Namespace) -> "Daemon":
             pixel_format=args.format,
             slots=args.slots,
             group=args.group,
+            max_shm=args.max_shm,
+            shrink_after=args.shrink_after,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None

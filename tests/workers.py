@@ -101,9 +101,12 @@ def hold(args: argparse.Namespace) -> int:
             frames.append(cam.next(timeout=10.0))
         copies = [f.array.copy() for f in frames]
         emit(event="holding", pid=os.getpid(), seqs=[f.seq for f in frames], newest=cam.newest_seq)
-        if args.seconds < 0:
-            signal.pause()  # until killed
-        time.sleep(args.seconds)
+        try:
+            if args.seconds < 0:
+                signal.pause()  # until killed; SIGTERM ends the holding and reports
+            time.sleep(args.seconds)
+        except KeyboardInterrupt:
+            pass
         intact = all(np.array_equal(f.array, c) for f, c in zip(frames, copies))
         pattern_ok = all(testpattern.verify(f.array) == f.seq for f in frames)
         writable = any(f.array.flags.writeable for f in frames)
