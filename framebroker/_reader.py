@@ -80,8 +80,11 @@ class Reader:
 
     ``Reader("cam0", name="detector")`` attaches (``StreamNotFound`` if nothing serves "cam0";
     with ``wait=S`` it waits up to S seconds for the stream to appear). ``hold`` is how many
-    frames this reader may hold at once (default 1); each reader reserves that many slots, and
-    attaching fails with ``CapacityError`` if the ring has no room left.
+    frames this reader may hold at once (default 1); each reader reserves that many slots. When
+    the ring has no room left, a growing ring (``serve --slots auto``, the default) grows for it,
+    and attaching then waits about a frame period or two (plus the time the daemon takes to
+    reserve the larger ring); a fixed ring, or a growing one at its ``--max-shm``, raises
+    ``CapacityError`` naming what to change.
 
     * ``latest(timeout)``: the newest frame (the same one again if nothing newer arrived).
     * ``next(timeout)``: the newest frame, once it is newer than the last one returned; waits

@@ -124,6 +124,23 @@ late wake-up, at the next frame or the liveness step, never a lost or torn frame
 wake every ``LIVENESS_STEP`` seconds while idle to check that the daemon is alive, which costs a
 few microseconds, not a busy loop.
 
+Moving to a new segment (larger frames, more slots, back to fewer)
+------------------------------------------------------------------
+The producer never resizes a segment in place. It makes a new one under a draft name (for a
+growing ring, in a thread, so reserving it never delays a frame), links it over the stream's name
+between two frames, writes its HEAD with ``newest_seq`` going on from the old one and the slot
+``NO_FRAME`` (nothing to lease yet: readers wait, they do not retry), then sets the old segment's
+state to ``replaced`` and posts its readers. A reader that sees ``replaced`` first reads what is
+left of the old segment in ordered mode (nothing writes it any more, so those frames are final),
+then attaches to the new one and goes on with the next seq; frames it holds from the old one
+stay valid for as long as it holds them.
+
+A growable ring (``--slots auto``) moves when a reader asks: a reader that finds no free token
+writes a growth request (``GROW_REQUEST``, just before the change bytes, so the producer reads
+both as one run) and polls the old segment's state for a frame period or two. The producer
+answers between two frames: it moves to a ring large enough, or, past its ``max_shm``, writes
+the refused request in ``GROWTH`` and the reader raises ``CapacityError``.
+
 Daemon death and restart
 ------------------------
 A reader checks ``LOCK_OWNER`` when a wait times out, and, so that readers which never wait
