@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import posix_ipc
 
 from ._errors import CapacityError, StreamNotFound
+from ._fast import compiled, readers_use_futex
 from ._layout import (
     ENTRY_FLAGS,
     ENTRY_FLAGS_OFFSET,
@@ -34,6 +34,7 @@ from ._layout import (
     ENTRY_PROGRESS_OFFSET,
     ENTRY_RATE,
     ENTRY_RATE_OFFSET,
+    FLAG_FUTEX,
     LOCK_ENTRY_BASE,
     LOCK_SLOT_BASE,
     LOCK_TOKEN_BASE,
@@ -44,6 +45,7 @@ from ._layout import (
     STATE,
     STATE_OFFSET,
     StreamState,
+    PixelFormat,
     PRODUCER_WAITS,
     PRODUCER_WAITS_OFFSET,
     REASON_OFFSET,
@@ -57,8 +59,7 @@ from ._layout import (
 from ._segment import Segment, open_segment
 from ._table import note_change, remove_listener_queue
 
-if TYPE_CHECKING:
-    from ._frame import Frame
+from ._frame import Frame
 
 # Attaching readers that contend for the last tokens may each get some and give them back; a
 # short pause and another try sorts that out before anyone is told the ring is full.
@@ -75,12 +76,17 @@ GROW_ROUNDS = 4
 class Attachment:
     """One reader's hold on one segment instance (see the module docstring).
 
-    ``held`` maps slot -> Frame for the frames leased now, oldest first; ``views`` caches one
-    read-only ndarray per (slot, shape), since building an ndarray costs more than a lease.
+    ``held`` maps slot -> Frame for the frames leased now, oldest first (a plain dict: the
+    compiled path updates it too); ``views`` caches one read-only ndarray per (slot, shape),
+    since building an ndarray costs more than a lease. ``fast`` is the compiled frame path
+    (``_fast.py``), None on the pure-Python one; ``wake_flags`` is ``FLAG_FUTEX`` when this
+    reader waits on the header's wake word rather than on its semaphore.
     """
 
     semaphore: posix_ipc.Semaphore = None  # type: ignore[assignment]  # opened last by attach()
     producer_semaphore: Optional[posix_ipc.Semaphore] = None
+    fast: Any = None
+    wake_flags = 0
 
     def __init__(self, stream: str, segment: Segment, entry: int, tokens: List[int]) -> None:
         self.stream = stream
@@ -95,7 +101,7 @@ class Attachment:
         self.entry_offset = segment.layout.entry(entry)
         self.progress_offset = self.entry_offset + ENTRY_PROGRESS_OFFSET
         self.generation = ENTRY_GENERATION.unpack_from(segment.control, self.entry_offset + ENTRY_GENERATION_OFFSET)[0]  # type: ignore[arg-type]
-        self.held: "OrderedDict[int, Frame]" = OrderedDict()
+        self.held: Dict[int, Frame] = {}
         self.views: Dict[Tuple[int, Tuple[int, ...]], np.ndarray] = {}
         self.open = True
 
@@ -113,6 +119,9 @@ class Attachment:
     def release(self, frame: "Frame", publish: bool = True) -> None:
         """Give the frame's slot back; ``publish``: update the held count status shows now
         (the reader's own path writes it with its other figures instead)."""
+        if self.fast is not None:
+            self.fast.release(frame, publish)
+            return
         frame._released = True
         held = self.held
         if held.get(frame._slot) is frame:
@@ -132,7 +141,7 @@ class Attachment:
         ENTRY_GENERATION.pack_into(control, offset + ENTRY_GENERATION_OFFSET, self.generation + 1)  # type: ignore[arg-type]
         self.generation += 1
         ENTRY_PROGRESS_HELD.pack_into(control, offset + ENTRY_PROGRESS_OFFSET, 0, 0, 0, 0, 0)  # type: ignore[arg-type]
-        ENTRY_FLAGS.pack_into(control, offset + ENTRY_FLAGS_OFFSET, flags)  # type: ignore[arg-type]
+        ENTRY_FLAGS.pack_into(control, offset + ENTRY_FLAGS_OFFSET, flags | self.wake_flags)  # type: ignore[arg-type]
         ENTRY_RATE.pack_into(control, offset + ENTRY_RATE_OFFSET, 0.0, 0.0)  # type: ignore[arg-type]
         self._write_text(ENTRY_NAME_OFFSET, ENTRY_NAME_SIZE, name)
         self._write_text(ENTRY_INFO_OFFSET, ENTRY_INFO_SIZE, info)
@@ -149,7 +158,7 @@ class Attachment:
 
     def set_flags(self, flags: int) -> None:
         if self.open:
-            ENTRY_FLAGS.pack_into(self.control, self.entry_offset + ENTRY_FLAGS_OFFSET, flags)  # type: ignore[arg-type]
+            ENTRY_FLAGS.pack_into(self.control, self.entry_offset + ENTRY_FLAGS_OFFSET, flags | self.wake_flags)  # type: ignore[arg-type]
 
     def set_info(self, text: str) -> None:
         self._write_text(ENTRY_INFO_OFFSET, ENTRY_INFO_SIZE, text)
@@ -181,6 +190,38 @@ class Attachment:
             return ""
         return decode_text(control[REASON_OFFSET : REASON_OFFSET + REASON_SIZE])
 
+    # --- the compiled frame path ------------------------------------------------------------------
+
+    def start_fast(self) -> None:
+        """Use the compiled frame path from now on (attach() calls it once the entry is written)."""
+        module = compiled()
+        if module is None:
+            return
+        layout = self.layout
+        self.fast = module.ReaderPath(
+            control=self.control,
+            fd=self.segment.fd,
+            slot_count=layout.slot_count,
+            meta_offset=layout.meta_offset,
+            map_offset=layout.map_offset,
+            map_size=layout.map_size,
+            held_offset=self.entry_offset + ENTRY_HELD_OFFSET,
+            attachment=self,
+            held=self.held,
+            view=self.view,
+            frame_type=Frame,
+            format_names=PixelFormat.NAMES,
+            stream=self.stream,
+            futex=bool(self.wake_flags & FLAG_FUTEX),
+        )
+
+    def close_fast(self) -> None:
+        """Back to the pure-Python path (detaching, or a forked child): the compiled one lets go
+        of the mapping and the descriptor, which are about to close."""
+        fast, self.fast = self.fast, None
+        if fast is not None:
+            fast.close()
+
     # --- leaving ------------------------------------------------------------------------------------
 
     def detach(self, clear_entry: bool) -> None:
@@ -195,6 +236,7 @@ class Attachment:
         if not self.open:
             return
         self.open = False
+        self.close_fast()
         control = self.control
         if clear_entry and control is not None:
             ENTRY_IDENTITY.pack_into(control, self.entry_offset, 0, 0, 0, ReaderMode.IDLE, 0.0)  # type: ignore[arg-type]
@@ -244,6 +286,8 @@ def attach(stream: str, name: str, hold: int, mode: int, flags: int, info: str) 
                 segment.close()
                 continue  # the ring moved to a larger segment: attach there
             attachment = Attachment(stream, segment, _claim_entry(segment), tokens)
+            # Decided before the entry is written: the producer reads it with the identity.
+            attachment.wake_flags = FLAG_FUTEX if readers_use_futex() else 0
             attachment.write_identity(name, hold, mode, flags, info)
             # Opened after the change byte is written: these system calls stand between that store
             # and this reader's first read of HEAD ("Wake-ups" in _ring.py).
@@ -253,6 +297,7 @@ def attach(stream: str, name: str, hold: int, mode: int, flags: int, info: str) 
             except posix_ipc.ExistentialError:
                 raise StreamNotFound(f"stream {stream!r} is shutting down") from None
             attachment.nudge_producer()  # attached (write_identity could not post yet)
+            attachment.start_fast()
             return attachment
         except BaseException:
             segment.close()

@@ -213,6 +213,11 @@ PRODUCER_WAITS_OFFSET = LIVE_OFFSET + 112
 # request it refused, the bytes that growth needed, and the most it may take (``--max-shm``).
 GROWTH = struct.Struct("<IIQQ")
 GROWTH_OFFSET = LIVE_OFFSET + 116
+# The wake word: the producer adds 1 whenever it wakes its readers (a frame, a state change, a
+# move), then wakes with one FUTEX_WAKE every reader sleeping in FUTEX_WAIT on it (those whose
+# entry has FLAG_FUTEX). See "Wake-ups" in _ring.py.
+WAKE = struct.Struct("<I")
+WAKE_OFFSET = LIVE_OFFSET + 144
 REASON_OFFSET = 512
 REASON_SIZE = 512
 SOURCE_OFFSET = 1024
@@ -248,9 +253,10 @@ ENTRY_PROGRESS_OFFSET = 24
 ENTRY_PROGRESS_HELD = struct.Struct("<QQQQI")  # the same and held, in one write, per frame
 ENTRY_HELD = struct.Struct("<I")  # frames held right now                            at +56
 ENTRY_HELD_OFFSET = 56
-ENTRY_FLAGS = struct.Struct("<I")  # what the reader offers others (FLAG_*)            at +60
+ENTRY_FLAGS = struct.Struct("<I")  # what the reader offers, how to wake it (FLAG_*)  at +60
 ENTRY_FLAGS_OFFSET = 60
 FLAG_TRIGGERS = 1  # listens for event triggers (framebroker/_trigger.py)
+FLAG_FUTEX = 2  # waits on the header's wake word, not on its semaphore: woken by one broadcast
 ENTRY_RATE = struct.Struct("<dd")  # fps, last_frame_wall                           at +64
 ENTRY_RATE_OFFSET = 64
 ENTRY_GENERATION = struct.Struct("<Q")  #                                            at +80

@@ -15,6 +15,7 @@ import numpy as np
 import posix_ipc
 
 from ._errors import ClosedError
+from ._fast import broadcast, compiled
 from ._layout import (
     CHANGES_OFFSET,
     COUNTERS,
@@ -28,10 +29,13 @@ from ._layout import (
     COUNTERS_OFFSET,
     FRAME_COUNTERS,
     FRAME_COUNTERS_OFFSET,
+    ENTRY_FLAGS,
+    ENTRY_FLAGS_OFFSET,
     ENTRY_IDENTITY,
     ENTRY_PROGRESS,
     ENTRY_PROGRESS_OFFSET,
     EXTRA_OFFSET,
+    FLAG_FUTEX,
     EXTRA_SIZE,
     GEOMETRY,
     GEOMETRY_OFFSET,
@@ -184,6 +188,9 @@ class Publisher:
 
     _segment: Optional[Segment] = None
     _semaphores: Sequence[posix_ipc.Semaphore] = ()
+    _fast: Any = None  # the compiled frame path for the segment written now (_fast.py), or None
+    _futex_readers = 0  # readers that wait on the wake word, woken by one broadcast
+    _reader_count = 0
     _state = Lifecycle.CLOSED
     _growable = False
     _max_shm_asked: Optional[int] = None
@@ -297,6 +304,7 @@ class Publisher:
         self._newest_slot = -1
         self._next_slot = -1  # locked ahead for the next frame (see _commit)
         self._rebuild_views()
+        self._start_fast()
         self._wake_list: List[posix_ipc.Semaphore] = []
         self._ordered_entries: List[int] = []
         self._holding_entries: List[int] = []
@@ -330,10 +338,40 @@ class Publisher:
         self._map_offset = layout.map_offset
         self._map_mask = layout.map_size - 1
 
+    def _start_fast(self) -> None:
+        """The compiled frame path for the segment just taken (none on the pure-Python path)."""
+        self._stop_fast()
+        module = compiled()
+        if module is None:
+            return
+        layout = self._layout
+        self._fast = module.ProducerPath(
+            control=self._control,
+            fd=self._segment.fd,  # type: ignore[union-attr]
+            slot_count=layout.slot_count,
+            meta_offset=layout.meta_offset,
+            map_offset=layout.map_offset,
+            map_size=layout.map_size,
+            changes_offset=GROW_REQUEST_OFFSET,
+            changes_size=self._changes_end - GROW_REQUEST_OFFSET,
+            recency=self._recency,
+            slot_seq=self._slot_seq,
+        )
+        # It locks the next slot ahead as _lock_a_slot does; a subclass that picks slots its own
+        # way (a results ring) does that itself.
+        self._locks_ahead_compiled = type(self)._lock_a_slot is Publisher._lock_a_slot
+
+    def _stop_fast(self) -> None:
+        """Let the compiled path go of a segment about to be left or closed."""
+        fast, self._fast = self._fast, None
+        if fast is not None:
+            fast.close()
+
     def close(self) -> None:
         """Remove the segment and its semaphores. Safe to call twice."""
         if self._state is Lifecycle.OPEN:
             self._state = Lifecycle.CLOSED
+            self._stop_fast()
             # A forked child must not remove its parent's stream.
             self._close_segment(self._segment, self._semaphores, unlink=os.getpid() == self._pid)
         self._segment = None
@@ -495,6 +533,7 @@ class Publisher:
         STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
             sem.release()
+        broadcast(old_segment.control)
         # The old name now points at the new segment, so only the old semaphores are removed.
         self._close_segment(old_segment, old_semaphores, unlink=True)
 
@@ -650,38 +689,50 @@ class Publisher:
             # The capture instant on the wall clock (offset refreshed by _housekeeping), so
             # wall_time and timestamp_ns name the same moment.
             wall = timestamp_ns / 1e9 + self._wall_offset
-        control = self._control
-        _pack_meta(control, self._meta_offsets[slot], seq, timestamp_ns, wall, *(geometry or self._meta_geometry))
-        # The unlock is the publishing barrier (see "What orders the frame bytes" in _ring.py).
-        self._locks.unlock(LOCK_SLOT_BASE + slot)
-        _pack_map(control, self._map_offset + (seq & self._map_mask) * 4, slot)
-        if self._stream_state != StreamState.STREAMING:
-            self.set_state("streaming")
-        _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
-        # A reader that attached or changed mode since the last rescan is found now, after the
-        # HEAD store and before the posts: one that read HEAD before this frame is woken for it.
-        if control[GROW_REQUEST_OFFSET : self._changes_end] != self._changes_seen:
-            self._refresh_readers()
-        # Wake the readers first: what follows is bookkeeping that nobody waits for.
-        for sem in self._wake_list:
-            if sem.value < MAX_PENDING_WAKES:
-                sem.release()
+        fast = self._fast
+        if fast is not None:
+            if self._stream_state != StreamState.STREAMING:
+                self.set_state("streaming")
+            # Steps 2-6, the slot's recency and the lock-ahead below, in one compiled call that
+            # runs the steps of the pure-Python path that follows (_fastpath.c).
+            self._next_slot = fast.commit(self, slot, seq, timestamp_ns, wall, geometry or self._meta_geometry, self._locks_ahead_compiled)
+        else:
+            control = self._control
+            _pack_meta(control, self._meta_offsets[slot], seq, timestamp_ns, wall, *(geometry or self._meta_geometry))
+            # The unlock is the publishing barrier (see "What orders the frame bytes" in _ring.py).
+            self._locks.unlock(LOCK_SLOT_BASE + slot)
+            _pack_map(control, self._map_offset + (seq & self._map_mask) * 4, slot)
+            if self._stream_state != StreamState.STREAMING:
+                self.set_state("streaming")
+            _pack_frame_counters(control, FRAME_COUNTERS_OFFSET, seq, slot, StreamState.STREAMING, timestamp_ns, wall)
+            # A reader that attached or changed mode since the last rescan is found now, after the
+            # HEAD store and before the wake-ups: one that read HEAD before this frame is woken for it.
+            if control[GROW_REQUEST_OFFSET : self._changes_end] != self._changes_seen:
+                self._refresh_readers()
+            # Wake the readers first: what follows is bookkeeping that nobody waits for.
+            if self._futex_readers:
+                broadcast(control)
+            for sem in self._wake_list:
+                if sem.value < MAX_PENDING_WAKES:
+                    sem.release()
+            self._slot_seq[slot] = seq
+            recency = self._recency
+            if recency[0] != slot:
+                recency.remove(slot)
+                recency.insert(0, slot)
         self._seq = seq
         self._published += 1
-        self._slot_seq[slot] = seq
         self._newest_slot = slot
-        recency = self._recency
-        if recency[0] != slot:
-            recency.remove(slot)
-            recency.insert(0, slot)
         if timestamp_ns >= self._housekeeping_due_ns or self._published >= self._housekeeping_due_count:
             self._housekeeping(timestamp_ns)
         if self._prepared is not None or self._grow_failure:
             self._finish_move()  # a larger (or smaller) ring made in the background: move now
-        # Lock the slot for the next frame now, while everything is in cache: after a frame period
-        # of idling the same system call costs ten times as much. Readers that wait for the next
-        # frame have given their slots back already, so this is the slot of the frame before.
-        self._next_slot = self._lock_a_slot()
+        if self._next_slot < 0:
+            # Lock the slot for the next frame now, while everything is in cache: after a frame
+            # period of idling the same system call costs ten times as much. Readers that wait for
+            # the next frame have given their slots back already, so this is the slot of the frame
+            # before. (The compiled path has done it, unless the ring just moved.)
+            self._next_slot = self._lock_a_slot()
         return seq
 
     def _housekeeping(self, timestamp_ns: int = 0) -> None:
@@ -709,17 +760,25 @@ class Publisher:
         control = self._control
         self._changes_seen = changes(control, self._layout)
         wake: List[posix_ipc.Semaphore] = []
+        futex_readers = 0
         ordered: List[int] = []
         undecided: List[int] = []
         for index, offset in live_entries(self._locks, self._layout, control):
-            wake.append(self._semaphores[index])
+            if ENTRY_FLAGS.unpack_from(control, offset + ENTRY_FLAGS_OFFSET)[0] & FLAG_FUTEX:
+                futex_readers += 1  # waits on the wake word: one broadcast wakes them all
+            else:
+                wake.append(self._semaphores[index])
             mode = ENTRY_IDENTITY.unpack_from(control, offset)[3]
             if mode == ReaderMode.ORDERED:
                 ordered.append(offset)
             elif mode == ReaderMode.IDLE:
                 undecided.append(offset)
         self._wake_list = wake
+        self._futex_readers = futex_readers
+        self._reader_count = len(wake) + futex_readers
         self._ordered_entries = ordered
+        if self._fast is not None:
+            self._fast.set_readers(self._changes_seen, wake, futex_readers, ordered)
         if self._growable:
             request, hold = GROW_REQUEST.unpack_from(control, GROW_REQUEST_OFFSET)
             if request != self._grow_seen:
@@ -733,7 +792,7 @@ class Publisher:
         """Readers attached right now."""
         self._check_open()
         self._refresh_readers()
-        return len(self._wake_list)
+        return self._reader_count
 
     # --- waiting for readers: lockstep -------------------------------------------------------
     #
@@ -756,7 +815,7 @@ class Publisher:
         """Wait until at least ``count`` readers are attached; True then, False on timeout."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be a whole number of readers >= 0, got {count!r}")
-        return self._wait_for_readers(lambda: len(self._wake_list) >= count, timeout)
+        return self._wait_for_readers(lambda: self._reader_count >= count, timeout)
 
     def lagging_readers(self) -> List[Dict[str, Any]]:
         """The ordered readers that have not yet moved past the newest frame: pid, name, and the
@@ -818,6 +877,8 @@ class Publisher:
                 self._refresh_readers()
                 for sem in self._wake_list:
                     sem.release()
+                if self._futex_readers:
+                    broadcast(self._control)
 
     def set_fps(self, fps: float) -> None:
         """The rate the source is configured for (0: unknown), shown by status as configured fps.

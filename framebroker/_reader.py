@@ -99,9 +99,10 @@ class Reader:
     give each thread (and each forked process) its own.
 
     Signals: Ctrl-C (KeyboardInterrupt) interrupts a wait as usual. An exception raised by any
-    other signal handler during a wait is swallowed by posix_ipc (it reports the interruption
-    instead, which the reader treats as a wake-up): have such handlers raise KeyboardInterrupt
-    or set a flag your loop checks.
+    other signal handler during a wait reaches the caller on the compiled frame path, but is
+    swallowed by posix_ipc on the pure-Python one (it reports the interruption instead, which the
+    reader treats as a wake-up): have such handlers raise KeyboardInterrupt or set a flag your
+    loop checks.
     """
 
     _attachment: Optional[Attachment] = None
@@ -146,6 +147,9 @@ class Reader:
         self._seen_newest = -1  # newest_seq at the last call, and since when (see _stale)
         self._seen_at = 0.0
         self._next_check = 0.0
+        # The compiled lease hands out Frames; a reader whose _lease makes something else (a
+        # results ring's Reader copies records out) keeps its own.
+        self._takes_compiled = type(self)._lease is Reader._lease
         deadline = time.monotonic() + float(wait)
         while True:
             try:
@@ -210,6 +214,7 @@ class Reader:
         attachment, self._attachment = self._attachment, None
         if attachment is not None:
             attachment.open = False
+            attachment.close_fast()
             for frame in attachment.held.values():
                 frame._released = True
             attachment.segment.close()
@@ -362,6 +367,19 @@ class Reader:
             self._write_progress(attachment)
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
+            fast = attachment.fast
+            if fast is not None and self._takes_compiled and not self._orphaned:
+                # The usual case in one compiled call: HEAD, the lease, the Frame (_fastpath.c).
+                # None leaves everything else to the steps below, which re-read HEAD.
+                frame = fast.take(mode, self._last_seq, self._seen_newest, self._hold)
+                if frame is not None:
+                    if fast.newest != self._seen_newest:
+                        self._seen_newest = fast.newest
+                        self._seen_at = 0.0
+                    self._last_seq = frame.seq
+                    self._frames += 1
+                    self._progress_due = True
+                    return frame
             newest, slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
             if newest != self._seen_newest:
                 self._seen_newest = newest
@@ -399,7 +417,7 @@ class Reader:
                 if frame is not None:
                     return frame
                 continue
-            self._wait(attachment, deadline)
+            self._wait(attachment, deadline, newest)
             attachment = self._attachment or attachment
 
     def _lease(self, attachment: Attachment, slot: int, target: int, mode: int) -> Optional[Frame]:
@@ -468,8 +486,10 @@ class Reader:
 
     # --- waiting and liveness --------------------------------------------------------------------------
 
-    def _wait(self, attachment: Attachment, deadline: Optional[float]) -> None:
-        """Sleep until a post, the deadline or the next liveness check."""
+    def _wait(self, attachment: Attachment, deadline: Optional[float], newest: int) -> None:
+        """Sleep until a wake-up, the deadline or the next liveness check; ``newest`` is the
+        newest_seq seen when deciding to wait (a reader on the wake word wakes at once if it
+        moved since)."""
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise FrameTimeout(self._timeout_message(attachment))
@@ -481,16 +501,21 @@ class Reader:
             time.sleep(step)
             self._reattach()
             return
+        fast = attachment.fast
         try:
-            attachment.semaphore.acquire(step)
-            return
+            if fast is not None and fast.futex:
+                if fast.wait(step, newest):
+                    return
+            else:
+                attachment.semaphore.acquire(step)
+                return
         except posix_ipc.BusyError:
             pass
         except posix_ipc.SignalError:
             # A signal handler ran during the wait. posix_ipc lets KeyboardInterrupt through but
             # replaces any other exception a handler raised; treat it as a wake-up.
             return
-        except posix_ipc.Error as exc:
+        except (posix_ipc.Error, OSError) as exc:
             log.debug("reader %r: waiting on %s failed (%r); looking for its %s", self._name, self._subject, exc, self._PRODUCER)
         if not attachment.segment.owner_alive():
             self._orphan()

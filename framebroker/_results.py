@@ -486,7 +486,7 @@ class _RecordReader(Reader):
                     )
                 return None  # the model published a later frame's result and none for this one
             try:
-                self._wait(attachment, deadline)
+                self._wait(attachment, deadline, newest)
             except FrameTimeout:
                 raise FrameTimeout(
                     f"no result yet for frame {seq} from model {self.model!r} of stream {self._display_stream!r} "
