@@ -61,6 +61,8 @@ from ._table import note_change, remove_listener_queue
 
 from ._frame import Frame
 
+# How often a reader recomputes the fps it shows in status (nanoseconds).
+RATE_WINDOW_NS = 500_000_000
 # Attaching readers that contend for the last tokens may each get some and give them back; a
 # short pause and another try sorts that out before anyone is told the ring is full.
 TOKEN_ATTEMPTS = 3
@@ -205,7 +207,7 @@ class Attachment:
             meta_offset=layout.meta_offset,
             map_offset=layout.map_offset,
             map_size=layout.map_size,
-            held_offset=self.entry_offset + ENTRY_HELD_OFFSET,
+            entry_offset=self.entry_offset,
             attachment=self,
             held=self.held,
             view=self.view,
@@ -213,6 +215,7 @@ class Attachment:
             format_names=PixelFormat.NAMES,
             stream=self.stream,
             futex=bool(self.wake_flags & FLAG_FUTEX),
+            rate_window_ns=RATE_WINDOW_NS,
         )
 
     def close_fast(self) -> None:

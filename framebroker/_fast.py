@@ -72,9 +72,14 @@ def _layout_mismatches(module: ModuleType) -> list:
         "NEXT": ReaderMode.NEXT,
         "ORDERED": ReaderMode.ORDERED,
         "ENTRY_CURSOR_OFFSET": _layout.ENTRY_PROGRESS_OFFSET + 8,
+        "ENTRY_PROGRESS_OFFSET": _layout.ENTRY_PROGRESS_OFFSET,
+        "ENTRY_HELD_OFFSET": _layout.ENTRY_HELD_OFFSET,
+        "ENTRY_RATE_OFFSET": _layout.ENTRY_RATE_OFFSET,
         "MAX_PENDING_WAKES": _ring.MAX_PENDING_WAKES,
         "HEAD_SIZE": FRAME_COUNTERS.size,
         "META_SIZE": META.size,
+        "PROGRESS_SIZE": _layout.ENTRY_PROGRESS_HELD.size,
+        "RATE_SIZE": _layout.ENTRY_RATE.size,
     }
     built = getattr(module, "LAYOUT", {})
     return sorted(name for name, value in expected.items() if built.get(name) != value)

@@ -52,7 +52,10 @@
 #define MODE_LIVE 1
 #define MODE_NEXT 2
 #define MODE_ORDERED 3
-#define ENTRY_CURSOR_OFFSET 32 /* the reader's cursor in its entry: ENTRY_PROGRESS_OFFSET + 8 */
+#define ENTRY_PROGRESS_OFFSET 24 /* in a reader's entry: last_seq, cursor, frames, dropped, held */
+#define ENTRY_CURSOR_OFFSET (ENTRY_PROGRESS_OFFSET + 8)
+#define ENTRY_HELD_OFFSET 56
+#define ENTRY_RATE_OFFSET 64 /* fps, last_frame_wall */
 #define CHANGES_RUN_MAX 512    /* growth request + one change byte per entry, with room to spare */
 #define MAX_PENDING_WAKES 1    /* framebroker/_ring.py */
 
@@ -77,7 +80,23 @@ struct meta_record {
     uint64_t nbytes;
 };
 
+/* A reader's figures for status (ENTRY_PROGRESS_HELD, "<QQQQI"), then its rate (ENTRY_RATE, "<dd"). */
+struct progress {
+    uint64_t last_seq;
+    uint64_t cursor;
+    uint64_t frames;
+    uint64_t dropped;
+    uint32_t held;
+};
+struct rate {
+    double fps;
+    double last_frame_wall;
+};
+/* 36 bytes: the struct's tail padding is not part of the record (the entry's flags follow). */
+#define PROGRESS_SIZE (offsetof(struct progress, held) + sizeof(uint32_t))
+
 _Static_assert(sizeof(struct head) == 32, "HEAD and frame counters are 32 bytes");
+_Static_assert(PROGRESS_SIZE == 36, "a reader's progress record is 36 bytes");
 _Static_assert(sizeof(struct meta_record) == 48, "a metadata record is 48 bytes");
 
 /* The attributes of framebroker._frame.Frame, set in this order. */
@@ -88,7 +107,13 @@ static const char *const frame_field_names[F_COUNT] = {
     "seq", "timestamp_ns", "wall_time", "shape", "format", "dropped", "stream", "_slot", "_attachment", "_view", "_released",
 };
 static PyObject *frame_fields[F_COUNT];
-static PyObject *str_value, *str_release, *str_refresh_readers, *str_bgr;
+/* The Reader's attributes take() reads and moves on (framebroker/_reader.py). */
+enum reader_field { R_MODE, R_PROGRESS_DUE, R_ORPHANED, R_LAST_SEQ, R_SEEN_NEWEST, R_SEEN_AT, R_HOLD, R_FRAMES, R_COUNT };
+static const char *const reader_field_names[R_COUNT] = {
+    "_mode", "_progress_due", "_orphaned", "_last_seq", "_seen_newest", "_seen_at", "_hold", "_frames",
+};
+static PyObject *reader_fields[R_COUNT];
+static PyObject *str_value, *str_release, *str_refresh_readers, *str_bgr, *float_zero;
 
 /* --- system calls ------------------------------------------------------------------------------ */
 
@@ -150,13 +175,17 @@ typedef struct {
     uint32_t slot_count;
     Py_ssize_t meta_offset;
     Py_ssize_t map_offset;
-    Py_ssize_t held_offset;
+    Py_ssize_t entry_offset;
     uint64_t map_mask;
     uint64_t newest; /* HEAD's newest_seq at the last take() */
+    uint64_t rate_window_ns;
+    uint64_t rate_mark_ns; /* where this reader's rate window started: when, at which frame count */
+    uint64_t rate_mark_frames;
     PyObject *attachment;
     PyObject *held;   /* the Attachment's dict slot -> Frame, oldest first */
     PyObject *view;   /* Attachment.view(slot, shape): builds (and caches) a slot's ndarray */
     PyObject *frame_type;
+    Py_ssize_t field_offsets[F_COUNT]; /* where Frame's slots sit in its instances */
     PyObject *format_names;
     PyObject *stream;
     /* The geometry of the last frame, and the views of it: one per slot, made on first use. */
@@ -201,6 +230,33 @@ static int ReaderPath_traverse(ReaderPath *self, visitproc visit, void *arg)
     return 0;
 }
 
+/* The offsets of Frame's __slots__ in its instances, so that a Frame is filled and released
+ * without attribute lookups (each a first touch of type caches and descriptors after idling). */
+static int find_field_offsets(PyObject *frame_type, Py_ssize_t *offsets)
+{
+    for (int field = 0; field < F_COUNT; field++) {
+        PyObject *descriptor = PyObject_GetAttr(frame_type, frame_fields[field]);
+        if (descriptor == NULL)
+            return -1;
+        int usable = Py_TYPE(descriptor) == &PyMemberDescr_Type &&
+                     ((PyMemberDescrObject *)descriptor)->d_member->type == T_OBJECT_EX &&
+                     !(((PyMemberDescrObject *)descriptor)->d_member->flags & READONLY);
+        if (usable)
+            offsets[field] = ((PyMemberDescrObject *)descriptor)->d_member->offset;
+        Py_DECREF(descriptor);
+        if (!usable) {
+            PyErr_Format(PyExc_TypeError, "frame_type.%U must be a __slots__ attribute", frame_fields[field]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static inline PyObject **frame_field(ReaderPath *self, PyObject *frame, enum frame_field field)
+{
+    return (PyObject **)((char *)frame + self->field_offsets[field]);
+}
+
 static void reader_close(ReaderPath *self)
 {
     if (self->control.obj != NULL)
@@ -219,24 +275,31 @@ static void ReaderPath_dealloc(ReaderPath *self)
 
 static int ReaderPath_init(ReaderPath *self, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"control", "fd", "slot_count", "meta_offset", "map_offset", "map_size", "held_offset",
-                               "attachment", "held", "view", "frame_type", "format_names", "stream", "futex", NULL};
+    static char *keywords[] = {"control", "fd", "slot_count", "meta_offset", "map_offset", "map_size", "entry_offset",
+                               "attachment", "held", "view", "frame_type", "format_names", "stream", "futex",
+                               "rate_window_ns", NULL};
     PyObject *control, *attachment, *held, *view, *frame_type, *format_names, *stream;
     int fd, futex;
     unsigned int slot_count;
-    Py_ssize_t meta_offset, map_offset, held_offset;
-    unsigned long long map_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiInnKnOO!OO!O!Up:ReaderPath", keywords, &control, &fd, &slot_count,
-                                     &meta_offset, &map_offset, &map_size, &held_offset, &attachment, &PyDict_Type, &held,
-                                     &view, &PyType_Type, &frame_type, &PyDict_Type, &format_names, &stream, &futex))
+    Py_ssize_t meta_offset, map_offset, entry_offset;
+    unsigned long long map_size, rate_window_ns;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiInnKnOO!OO!O!UpK:ReaderPath", keywords, &control, &fd, &slot_count,
+                                     &meta_offset, &map_offset, &map_size, &entry_offset, &attachment, &PyDict_Type, &held,
+                                     &view, &PyType_Type, &frame_type, &PyDict_Type, &format_names, &stream, &futex,
+                                     &rate_window_ns))
         return -1;
     if (slot_count == 0 || slot_count > MAX_SLOTS || map_size == 0 || (map_size & (map_size - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "implausible ring geometry");
         return -1;
     }
+    if (find_field_offsets(frame_type, self->field_offsets) < 0)
+        return -1;
     if (self->control.obj != NULL)
         PyBuffer_Release(&self->control);
-    if (get_control(control, &self->control, map_offset + (Py_ssize_t)(map_size * 4)) < 0)
+    Py_ssize_t needed = map_offset + (Py_ssize_t)(map_size * 4);
+    if (entry_offset + ENTRY_RATE_OFFSET + (Py_ssize_t)sizeof(struct rate) > needed)
+        needed = entry_offset + ENTRY_RATE_OFFSET + (Py_ssize_t)sizeof(struct rate);
+    if (get_control(control, &self->control, needed) < 0)
         return -1;
     self->base = self->control.buf;
     self->fd = fd;
@@ -244,9 +307,12 @@ static int ReaderPath_init(ReaderPath *self, PyObject *args, PyObject *kwargs)
     self->slot_count = slot_count;
     self->meta_offset = meta_offset;
     self->map_offset = map_offset;
-    self->held_offset = held_offset;
+    self->entry_offset = entry_offset;
     self->map_mask = map_size - 1;
     self->newest = 0;
+    self->rate_window_ns = rate_window_ns;
+    self->rate_mark_ns = 0;
+    self->rate_mark_frames = 0;
     ReaderPath_clear(self);
     Py_INCREF(attachment);
     self->attachment = attachment;
@@ -272,11 +338,19 @@ static int ReaderPath_init(ReaderPath *self, PyObject *args, PyObject *kwargs)
  * `publish` write how many frames this reader holds now (status shows it). */
 static int reader_release(ReaderPath *self, PyObject *frame, int publish)
 {
-    if (PyObject_SetAttr(frame, frame_fields[F_RELEASED], Py_True) < 0)
+    if (self->frame_type == NULL || !PyObject_TypeCheck(frame, (PyTypeObject *)self->frame_type)) {
+        PyErr_SetString(PyExc_TypeError, "release() takes a Frame");
         return -1;
-    PyObject *slot = PyObject_GetAttr(frame, frame_fields[F_SLOT]);
-    if (slot == NULL)
+    }
+    PyObject **released = frame_field(self, frame, F_RELEASED);
+    Py_INCREF(Py_True);
+    Py_XSETREF(*released, Py_True);
+    PyObject *slot = *frame_field(self, frame, F_SLOT);
+    if (slot == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "this Frame has no slot");
         return -1;
+    }
+    Py_INCREF(slot);
     PyObject *current = PyDict_GetItemWithError(self->held, slot);
     if (current != frame) {
         Py_DECREF(slot);
@@ -294,8 +368,36 @@ static int reader_release(ReaderPath *self, PyObject *frame, int publish)
         return -1;
     }
     if (publish)
-        __atomic_store_n((uint32_t *)(self->base + self->held_offset), (uint32_t)PyDict_GET_SIZE(self->held), __ATOMIC_RELAXED);
+        __atomic_store_n((uint32_t *)(self->base + self->entry_offset + ENTRY_HELD_OFFSET), (uint32_t)PyDict_GET_SIZE(self->held), __ATOMIC_RELAXED);
     return 0;
+}
+
+static uint64_t clock_ns(clockid_t clock)
+{
+    struct timespec now;
+    clock_gettime(clock, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/* latest()'s figures for status, written with the lease (Reader._write_progress does the same
+ * for the other modes, before they wait): progress and held count, and about every
+ * rate_window_ns the rate with the wall time of this frame. */
+static void reader_write_figures(ReaderPath *self, uint64_t seq, uint64_t frames)
+{
+    /* dropped: only an ordered reader misses frames, and it writes its figures itself. */
+    uint64_t dropped = __atomic_load_n((uint64_t *)(self->base + self->entry_offset + ENTRY_PROGRESS_OFFSET + 24), __ATOMIC_RELAXED);
+    struct progress progress = {seq, 0, frames, dropped, (uint32_t)PyDict_GET_SIZE(self->held)};
+    memcpy(self->base + self->entry_offset + ENTRY_PROGRESS_OFFSET, &progress, PROGRESS_SIZE);
+    uint64_t now = clock_ns(CLOCK_MONOTONIC);
+    if (now - self->rate_mark_ns < self->rate_window_ns)
+        return;
+    if (self->rate_mark_ns) {
+        struct rate rate = {(double)(frames - self->rate_mark_frames) * 1e9 / (double)(now - self->rate_mark_ns),
+                            (double)clock_ns(CLOCK_REALTIME) / 1e9};
+        memcpy(self->base + self->entry_offset + ENTRY_RATE_OFFSET, &rate, sizeof rate);
+    }
+    self->rate_mark_ns = now;
+    self->rate_mark_frames = frames;
 }
 
 static PyObject *reader_shape(ReaderPath *self, const struct meta_record *meta)
@@ -332,7 +434,7 @@ static PyObject *reader_format_name(ReaderPath *self, uint32_t code)
 }
 
 /* The Frame for a leased slot, built without running Python code: allocated as Frame.__new__
- * would, its slots filled like Frame.__init__ does. */
+ * would, its slots filled like Frame.__init__ does (through their offsets). */
 static PyObject *reader_frame(ReaderPath *self, uint32_t slot, const struct meta_record *meta, PyObject *slot_key)
 {
     PyObject *shape = reader_shape(self, meta);
@@ -352,20 +454,23 @@ static PyObject *reader_frame(ReaderPath *self, uint32_t slot, const struct meta
     PyObject *frame = type->tp_alloc(type, 0);
     if (frame == NULL)
         return NULL;
+    /* New references for the first four and the counter, borrowed ones for the rest. */
     PyObject *values[F_COUNT] = {
         PyLong_FromUnsignedLongLong(meta->seq), PyLong_FromUnsignedLongLong(meta->timestamp_ns), PyFloat_FromDouble(meta->wall),
         shape, format, PyLong_FromLong(0), self->stream, slot_key, self->attachment, view, Py_False,
     };
-    int failed = values[F_SEQ] == NULL || values[F_TIMESTAMP] == NULL || values[F_WALL] == NULL || values[F_DROPPED] == NULL;
-    for (int field = 0; field < F_COUNT && !failed; field++)
-        failed = PyObject_SetAttr(frame, frame_fields[field], values[field]) < 0;
-    Py_XDECREF(values[F_SEQ]);
-    Py_XDECREF(values[F_TIMESTAMP]);
-    Py_XDECREF(values[F_WALL]);
-    Py_XDECREF(values[F_DROPPED]);
+    int failed = 0;
+    for (int field = 0; field < F_COUNT; field++) {
+        int owned = field == F_SEQ || field == F_TIMESTAMP || field == F_WALL || field == F_DROPPED;
+        if (values[field] == NULL) {
+            failed = 1;
+            continue;
+        }
+        if (!owned)
+            Py_INCREF(values[field]);
+        *frame_field(self, frame, field) = values[field]; /* a new object's slots are NULL */
+    }
     if (failed) {
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
         Py_DECREF(frame);
         return NULL;
     }
@@ -427,69 +532,136 @@ static PyObject *reader_lease(ReaderPath *self, uint32_t slot, uint64_t target)
  * leaves the case to the Python path. */
 #define TAKE_ATTEMPTS 4
 
+
 PyDoc_STRVAR(take_doc,
-    "take(mode, last_seq, seen_newest, hold) -> Frame | None\n\n"
-    "Lease the frame Reader._get would lease now, in one call: a Frame (held by the attachment),\n"
-    "or None when the Python path must decide (nothing new, the same frame again, an ended or\n"
-    "replaced segment, a frame gone before an ordered reader got to it). `newest` is then HEAD's\n"
-    "newest_seq as this call read it.");
+    "take(reader, mode) -> Frame | None\n\n"
+    "Lease the frame Reader._get would lease now for `mode`, in one call: a Frame (held by the\n"
+    "attachment), with the reader's position moved on as _get does (_last_seq, _frames,\n"
+    "_seen_newest and _seen_at, _progress_due). None when _get's own steps must decide: nothing\n"
+    "new, the same frame again, an ended or replaced segment, a frame gone before an ordered\n"
+    "reader got to it, or work due first (another mode, figures to write, an orphaned reader).\n"
+    "In live mode (latest()) it also writes the reader's figures for status.");
+
+/* The reader's int (or bool) attribute `field`. */
+static int get_reader_int(PyObject *reader, enum reader_field field, long long *out)
+{
+    PyObject *value = PyObject_GetAttr(reader, reader_fields[field]);
+    if (value == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int set_reader_int(PyObject *reader, enum reader_field field, long long value)
+{
+    PyObject *number = PyLong_FromLongLong(value);
+    if (number == NULL)
+        return -1;
+    int failed = PyObject_SetAttr(reader, reader_fields[field], number);
+    Py_DECREF(number);
+    return failed;
+}
+
+/* Steps 1-4 for `mode` once: a new reference to the leased Frame, Py_None to leave it to the
+ * Python path, NULL on error; *again is set when a race with the producer was lost. */
+static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, long long seen, long hold, int *again)
+{
+    const struct head *head = (const struct head *)(self->base + LIVE_OFFSET);
+    /* Step 1: HEAD. Acquire on newest_seq pairs with the producer's release store of it, so
+     * the slot and state read after it are at least as new (all of it is only a hint). */
+    uint64_t newest = __atomic_load_n(&head->newest_seq, __ATOMIC_ACQUIRE);
+    uint32_t slot = __atomic_load_n(&head->slot, __ATOMIC_RELAXED);
+    uint32_t state = __atomic_load_n(&head->state, __ATOMIC_RELAXED);
+    self->newest = newest;
+    *again = 0;
+    if (state == STATE_ENDED || state == STATE_REPLACED || slot == NO_FRAME || newest == 0)
+        Py_RETURN_NONE;
+    uint64_t target = newest;
+    if (mode == MODE_LIVE) {
+        if ((long long)newest == seen)
+            Py_RETURN_NONE; /* nothing newer: the frame held, checked for liveness */
+        while (PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
+            Py_ssize_t position = 0;
+            PyObject *key, *oldest;
+            PyDict_Next(self->held, &position, &key, &oldest);
+            Py_INCREF(oldest);
+            int failed = reader_release(self, oldest, 0); /* the figures written below say it */
+            Py_DECREF(oldest);
+            if (failed < 0)
+                return NULL;
+        }
+    } else {
+        if (newest <= last)
+            Py_RETURN_NONE; /* nothing new: wait */
+        if (mode == MODE_ORDERED && last) {
+            target = last + 1;
+            slot = __atomic_load_n((uint32_t *)(self->base + self->map_offset + (Py_ssize_t)((target & self->map_mask) * 4)), __ATOMIC_RELAXED);
+        } else if ((long long)newest == seen) {
+            Py_RETURN_NONE;
+        }
+    }
+    PyObject *frame = reader_lease(self, slot, target);
+    /* Lost to the producer: look again, except for an ordered reader whose next frame may be
+     * gone for good (the Python path then takes the oldest one after it). */
+    if (frame == Py_None)
+        *again = !(mode == MODE_ORDERED && last);
+    return frame;
+}
 
 static PyObject *ReaderPath_take(ReaderPath *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "take() takes mode, last_seq, seen_newest, hold");
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "take() takes reader, mode");
         return NULL;
     }
-    long mode = PyLong_AsLong(args[0]);
-    unsigned long long last = PyLong_AsUnsignedLongLong(args[1]);
-    long long seen = PyLong_AsLongLong(args[2]);
-    long hold = PyLong_AsLong(args[3]);
-    if (PyErr_Occurred())
+    PyObject *reader = args[0];
+    long mode = PyLong_AsLong(args[1]);
+    if (mode == -1 && PyErr_Occurred())
         return NULL;
     if (self->base == NULL)
         return closed_error();
-    const struct head *head = (const struct head *)(self->base + LIVE_OFFSET);
-    for (int attempt = 0; attempt < TAKE_ATTEMPTS; attempt++) {
-        /* Step 1: HEAD. Acquire on newest_seq pairs with the producer's release store of it, so
-         * the slot and state read after it are at least as new (all of it is only a hint). */
-        uint64_t newest = __atomic_load_n(&head->newest_seq, __ATOMIC_ACQUIRE);
-        uint32_t slot = __atomic_load_n(&head->slot, __ATOMIC_RELAXED);
-        uint32_t state = __atomic_load_n(&head->state, __ATOMIC_RELAXED);
-        self->newest = newest;
-        if (state == STATE_ENDED || state == STATE_REPLACED || slot == NO_FRAME || newest == 0)
-            Py_RETURN_NONE;
-        uint64_t target = newest;
-        if (mode == MODE_LIVE) {
-            if ((long long)newest == seen)
-                Py_RETURN_NONE; /* nothing newer: the frame held, checked for liveness */
-            while (PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
-                Py_ssize_t position = 0;
-                PyObject *key, *oldest;
-                PyDict_Next(self->held, &position, &key, &oldest);
-                Py_INCREF(oldest);
-                int failed = reader_release(self, oldest, 1);
-                Py_DECREF(oldest);
-                if (failed < 0)
-                    return NULL;
-            }
-        } else {
-            if (newest <= last)
-                Py_RETURN_NONE; /* nothing new: wait */
-            if (mode == MODE_ORDERED && last) {
-                target = last + 1;
-                slot = __atomic_load_n((uint32_t *)(self->base + self->map_offset + (Py_ssize_t)((target & self->map_mask) * 4)), __ATOMIC_RELAXED);
-            } else if ((long long)newest == seen) {
-                Py_RETURN_NONE;
-            }
-        }
-        PyObject *frame = reader_lease(self, slot, target);
-        if (frame != Py_None)
-            return frame;
+    long long reader_mode, progress_due, orphaned, last, seen, hold, frames;
+    if (get_reader_int(reader, R_MODE, &reader_mode) < 0 || get_reader_int(reader, R_PROGRESS_DUE, &progress_due) < 0 ||
+        get_reader_int(reader, R_ORPHANED, &orphaned) < 0)
+        return NULL;
+    if (reader_mode != mode || progress_due || orphaned)
+        Py_RETURN_NONE;
+    if (get_reader_int(reader, R_LAST_SEQ, &last) < 0 || get_reader_int(reader, R_SEEN_NEWEST, &seen) < 0 ||
+        get_reader_int(reader, R_HOLD, &hold) < 0 || get_reader_int(reader, R_FRAMES, &frames) < 0)
+        return NULL;
+    PyObject *frame = Py_None;
+    Py_INCREF(frame);
+    for (int attempt = 0, again = 1; attempt < TAKE_ATTEMPTS && again; attempt++) {
         Py_DECREF(frame);
-        if (mode == MODE_ORDERED && last)
-            Py_RETURN_NONE; /* perhaps overwritten already: the Python path takes the oldest after */
+        frame = reader_take_once(self, mode, (uint64_t)last, seen, hold, &again);
+        if (frame == NULL)
+            return NULL;
     }
-    Py_RETURN_NONE;
+    if (frame == Py_None)
+        return frame;
+    /* Leased: move the reader on as Reader._get does after its own lease. */
+    PyObject *seq_object = *frame_field(self, frame, F_SEQ);
+    uint64_t seq = PyLong_AsUnsignedLongLong(seq_object);
+    int failed = PyErr_Occurred() != NULL;
+    if (!failed && (long long)self->newest != seen)
+        failed = set_reader_int(reader, R_SEEN_NEWEST, (long long)self->newest) < 0 ||
+                 PyObject_SetAttr(reader, reader_fields[R_SEEN_AT], float_zero) < 0;
+    if (!failed)
+        failed = PyObject_SetAttr(reader, reader_fields[R_LAST_SEQ], seq_object) < 0 ||
+                 set_reader_int(reader, R_FRAMES, frames + 1) < 0;
+    /* latest() writes its figures for status now (nothing waits in it to do it before); the
+     * other modes write theirs before they wait, an ordered reader's cursor only once it asks
+     * for the next frame. */
+    if (!failed && mode == MODE_LIVE)
+        reader_write_figures(self, seq, (uint64_t)frames + 1);
+    else if (!failed)
+        failed = PyObject_SetAttr(reader, reader_fields[R_PROGRESS_DUE], Py_True) < 0;
+    if (failed) {
+        Py_DECREF(frame);
+        return NULL;
+    }
+    return frame;
 }
 
 PyDoc_STRVAR(release_doc, "release(frame, publish)\n\nGive the frame's slot back (Attachment.release).");
@@ -967,11 +1139,12 @@ static struct PyModuleDef fastpath_module = {
 static int add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "LIVE_OFFSET", LIVE_OFFSET, "WAKE_OFFSET",
+        "{s:i,s:i,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "LIVE_OFFSET", LIVE_OFFSET, "WAKE_OFFSET",
         WAKE_OFFSET, "META_RECORD_SIZE", META_RECORD_SIZE, "LOCK_SLOT_BASE", LOCK_SLOT_BASE, "MAX_SLOTS", MAX_SLOTS, "NO_FRAME",
         NO_FRAME, "STREAMING", STATE_STREAMING, "ENDED", STATE_ENDED, "REPLACED", STATE_REPLACED, "LIVE", MODE_LIVE, "NEXT",
-        MODE_NEXT, "ORDERED", MODE_ORDERED, "ENTRY_CURSOR_OFFSET", ENTRY_CURSOR_OFFSET, "MAX_PENDING_WAKES", MAX_PENDING_WAKES,
-        "HEAD_SIZE", (int)sizeof(struct head), "META_SIZE", (int)sizeof(struct meta_record));
+        MODE_NEXT, "ORDERED", MODE_ORDERED, "ENTRY_CURSOR_OFFSET", ENTRY_CURSOR_OFFSET, "MAX_PENDING_WAKES", MAX_PENDING_WAKES, "ENTRY_PROGRESS_OFFSET", ENTRY_PROGRESS_OFFSET, "ENTRY_HELD_OFFSET",
+        ENTRY_HELD_OFFSET, "ENTRY_RATE_OFFSET", ENTRY_RATE_OFFSET,
+        "HEAD_SIZE", (int)sizeof(struct head), "META_SIZE", (int)sizeof(struct meta_record), "PROGRESS_SIZE", (int)PROGRESS_SIZE, "RATE_SIZE", (int)sizeof(struct rate));
     if (layout == NULL || PyModule_AddObject(module, "LAYOUT", layout) < 0) {
         Py_XDECREF(layout);
         return -1;
@@ -985,6 +1158,12 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         if ((frame_fields[field] = PyUnicode_InternFromString(frame_field_names[field])) == NULL)
             return NULL;
     }
+    for (int field = 0; field < R_COUNT; field++) {
+        if ((reader_fields[field] = PyUnicode_InternFromString(reader_field_names[field])) == NULL)
+            return NULL;
+    }
+    if ((float_zero = PyFloat_FromDouble(0.0)) == NULL)
+        return NULL;
     if ((str_value = PyUnicode_InternFromString("value")) == NULL || (str_release = PyUnicode_InternFromString("release")) == NULL ||
         (str_refresh_readers = PyUnicode_InternFromString("_refresh_readers")) == NULL ||
         (str_bgr = PyUnicode_InternFromString("bgr")) == NULL)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import posix_ipc
 
-from ._attachment import Attachment, attach
+from ._attachment import RATE_WINDOW_NS, Attachment, attach
 from ._errors import ClosedError, FrameBrokerError, FrameTimeout, SourceEnded, StreamNotFound
 from ._frame import Frame, FrameIterator, check_timeout
 from ._layout import (
@@ -52,9 +52,6 @@ if TYPE_CHECKING:
     from ._trigger import TriggerInbox
 
 log = logging.getLogger("framebroker.reader")
-
-# How often a reader recomputes the fps it shows in status (nanoseconds).
-RATE_WINDOW_NS = 500_000_000
 
 # Bound methods of the structs used on every frame (saves two lookups per use).
 _unpack_head = HEAD.unpack_from
@@ -321,6 +318,13 @@ class Reader:
         Returns the frame this reader already holds if nothing newer arrived. Raises
         ``FrameTimeout`` if no frame arrives in time, ``SourceEnded`` if the stream ended.
         """
+        attachment = self._attachment
+        if attachment is not None and attachment.fast is not None and self._takes_compiled:
+            # A new frame in one compiled call, without a second Python call into _get (after
+            # idling, each costs microseconds); None leaves the case to _get's steps.
+            frame = attachment.fast.take(self, ReaderMode.LIVE)
+            if frame is not None:
+                return frame
         return self._get(ReaderMode.LIVE, timeout)
 
     def next(self, timeout: Optional[float] = None) -> Frame:
@@ -368,17 +372,11 @@ class Reader:
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             fast = attachment.fast
-            if fast is not None and self._takes_compiled and not self._orphaned:
-                # The usual case in one compiled call: HEAD, the lease, the Frame (_fastpath.c).
-                # None leaves everything else to the steps below, which re-read HEAD.
-                frame = fast.take(mode, self._last_seq, self._seen_newest, self._hold)
+            if fast is not None and self._takes_compiled:
+                # The usual case in one compiled call: HEAD, the lease, the Frame, this reader's
+                # position moved on (_fastpath.c). None leaves the rest to the steps below.
+                frame = fast.take(self, mode)
                 if frame is not None:
-                    if fast.newest != self._seen_newest:
-                        self._seen_newest = fast.newest
-                        self._seen_at = 0.0
-                    self._last_seq = frame.seq
-                    self._frames += 1
-                    self._progress_due = True
                     return frame
             newest, slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
             if newest != self._seen_newest:
