@@ -127,10 +127,9 @@ def readers_use_futex() -> bool:
     return _SYS_FUTEX is not None and compiled() is not None
 
 
-def broadcast(control: Any) -> None:
+def broadcast(control: Any, module: Optional[ModuleType]) -> None:
     """Add 1 to the wake word of ``control`` (a segment's writable control mapping) and wake
-    every reader waiting on it."""
-    module = compiled()
+    every reader waiting on it, with the extension ``module`` or, if None, through ctypes."""
     if module is not None:
         module.broadcast(control)
     elif _SYS_FUTEX is not None:

@@ -140,8 +140,9 @@ static long futex_wait(uint32_t *word, uint32_t expected, const struct timespec 
 static void wake_everyone(char *base)
 {
     uint32_t *word = (uint32_t *)(base + WAKE_OFFSET);
-    /* Release: whoever sees the new value sees the HEAD stored before it. One writer (the
-     * producer), so a plain increment cannot lose an update. */
+    /* The word changes before anyone is woken (a reader about to sleep on its old value then
+     * does not sleep), with release: whoever sees the new value sees the HEAD stored before it.
+     * One writer (the producer), so a plain increment cannot lose an update. */
     __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
     syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
@@ -896,13 +897,13 @@ static PyObject *ProducerPath_set_readers(ProducerPath *self, PyObject *const *a
     Py_RETURN_NONE;
 }
 
-/* Step 6: the wake-ups. One FUTEX_WAKE for every reader that waits on the wake word, however
- * many; a post for each reader that waits on a semaphore (pure-Python readers), unless one is
- * pending already. */
+/* Step 6: the wake-ups. The wake word moves and one FUTEX_WAKE wakes every reader waiting on
+ * it, however many; a post for each reader that waits on a semaphore (pure-Python readers),
+ * unless one is pending already. */
 static int producer_wake(ProducerPath *self)
 {
     if (self->futex_readers > 0)
-        syscall(SYS_futex, (uint32_t *)(self->base + WAKE_OFFSET), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+        wake_everyone(self->base);
     PyObject *semaphores = self->semaphores;
     Py_INCREF(semaphores);
     int failed = 0;
@@ -1048,10 +1049,6 @@ static PyObject *ProducerPath_commit(ProducerPath *self, PyObject *const *args, 
     __atomic_store_n(&head->timestamp_ns, meta.timestamp_ns, __ATOMIC_RELAXED);
     memcpy(&head->wall, &meta.wall, sizeof meta.wall);
     __atomic_store_n(&head->newest_seq, meta.seq, __ATOMIC_RELEASE);
-    /* The wake word changes before anyone is woken (a reader about to sleep on its old value
-     * then does not sleep), and after HEAD (release: who sees the word sees the frame). */
-    uint32_t *word = (uint32_t *)(base + WAKE_OFFSET);
-    __atomic_store_n(word, __atomic_load_n(word, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE);
     /* Step 5. Store HEAD, then load the change bytes, while an attaching reader stores its
      * change byte, then loads HEAD: only a full fence on both sides keeps each load after the
      * other side's store ("Wake-ups" in _ring.py; the reader's is in ReaderPath's constructor). */

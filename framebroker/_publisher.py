@@ -188,7 +188,8 @@ class Publisher:
 
     _segment: Optional[Segment] = None
     _semaphores: Sequence[posix_ipc.Semaphore] = ()
-    _fast: Any = None  # the compiled frame path for the segment written now (_fast.py), or None
+    _compiled: Any = None  # the extension, if this Publisher runs the compiled path (_fast.py)
+    _fast: Any = None  # its frame path for the segment written now
     _futex_readers = 0  # readers that wait on the wake word, woken by one broadcast
     _reader_count = 0
     _state = Lifecycle.CLOSED
@@ -264,6 +265,7 @@ class Publisher:
         self._reason = ""
         self._initial_slots = slots
         self._history: List[Dict[str, Any]] = []
+        self._compiled = compiled()  # chosen once: a Publisher does not change paths midway
         self._quiet_since = 0.0  # when the readers' holds last fitted the starting size
         self._create(capacity, None, dims, code)
         # By default a growing ring may take half of what /dev/shm has free now, beyond itself.
@@ -341,11 +343,10 @@ class Publisher:
     def _start_fast(self) -> None:
         """The compiled frame path for the segment just taken (none on the pure-Python path)."""
         self._stop_fast()
-        module = compiled()
-        if module is None:
+        if self._compiled is None:
             return
         layout = self._layout
-        self._fast = module.ProducerPath(
+        self._fast = self._compiled.ProducerPath(
             control=self._control,
             fd=self._segment.fd,  # type: ignore[union-attr]
             slot_count=layout.slot_count,
@@ -533,7 +534,7 @@ class Publisher:
         STATE.pack_into(old_segment.control, STATE_OFFSET, StreamState.REPLACED)  # type: ignore[arg-type]
         for sem in old_semaphores:
             sem.release()
-        broadcast(old_segment.control)
+        broadcast(old_segment.control, self._compiled)
         # The old name now points at the new segment, so only the old semaphores are removed.
         self._close_segment(old_segment, old_semaphores, unlink=True)
 
@@ -711,7 +712,7 @@ class Publisher:
                 self._refresh_readers()
             # Wake the readers first: what follows is bookkeeping that nobody waits for.
             if self._futex_readers:
-                broadcast(control)
+                broadcast(control, None)
             for sem in self._wake_list:
                 if sem.value < MAX_PENDING_WAKES:
                     sem.release()
@@ -878,7 +879,7 @@ class Publisher:
                 for sem in self._wake_list:
                     sem.release()
                 if self._futex_readers:
-                    broadcast(self._control)
+                    broadcast(self._control, self._compiled)
 
     def set_fps(self, fps: float) -> None:
         """The rate the source is configured for (0: unknown), shown by status as configured fps.
