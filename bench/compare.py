@@ -1,20 +1,21 @@
 """framebroker side by side with the transports people use today, measured in the same run.
 
-    python bench/compare.py                 # the full table (about 4 minutes on 2 cores)
+    python bench/compare.py                 # the full table (about 5 minutes on 2 cores)
     python bench/compare.py --quick         # seconds: the smoke test's run
-    python bench/compare.py --sizes 1080p --readers 4 --transports framebroker,naive,iceoryx2
+    python bench/compare.py --sizes 1080p --readers 4 --transports framebroker,framebroker-pure,naive,iceoryx2
 
-For every frame size x reader count x transport, one producer process and one process per reader
-(multiprocessing ``spawn``: nothing inherited from a fork) run the same driver (``driver.py``):
-latency at 30 fps, throughput flat out, CPU per 1000 frames, idle-reader CPU, producer cost
-against a bare numpy copy, a ``/proc/self/maps`` check that the reader's array really is shared
-memory, and torn/changed frames for every transport. Repetitions run inside the same processes;
-figures are medians (``report.py``). Then framebroker's ``latest()`` alone at VGA, 1080p and 4K
-(``latest_cost.py``).
+framebroker is measured on both of its frame paths: ``framebroker`` (compiled, ``_fastpath.c``)
+and ``framebroker-pure`` (``FRAMEBROKER_PURE=1``). For every frame size x reader count x
+transport, one producer process and one process per reader (multiprocessing ``spawn``: nothing
+inherited from a fork) run the same driver (``driver.py``): latency at 30 fps, throughput flat
+out, CPU per 1000 frames, idle-reader CPU, producer cost against a bare numpy copy, a
+``/proc/self/maps`` check that the reader's array really is shared memory, and torn/changed
+frames for every transport. Repetitions run inside the same processes; figures are medians
+(``report.py``). Then ``latest()`` alone at VGA, 1080p and 4K on each path (``latest_cost.py``).
 
 Writes ``bench/results/compare-<date>.json`` (every raw sample, the machine, the settings) and
-prints the tables (markdown, ready for README.md) and the design.md section 7 targets.
-The machine is often shared: the JSON records the load average before and after.
+prints the tables (markdown, ready for README.md) and the project's performance targets, for
+each frame path. The machine is often shared: the JSON records the load average before and after.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 SIZES = {"vga": (480, 640, 3), "720p": (720, 1280, 3), "1080p": (1080, 1920, 3), "4k": (2160, 3840, 3)}
 ALIASES = {name.lower().replace(".", ""): name for name in TRANSPORTS}
+FRAME_PATHS = ("framebroker", "framebroker-pure")  # framebroker's compiled and pure-Python paths
 
-# Full run: 2 sizes x 3 reader counts x 5 transports = 30 runs of 5.5 s of phases each (0.2 s
+# Full run: 2 sizes x 3 reader counts x 6 transports = 36 runs of 5.5 s of phases each (0.2 s
 # warm-up burst, 0.6 s idle, 3 x (30 frames at 30 fps + 0.4 s flat out + 2 x 0.05 s settling),
 # 0.25 s integrity) plus starting the processes (0.5 s with one reader, 2-4 s with 16), then
-# latest() at three sizes: about 4 minutes on 2 cores shared with other work, less when quiet.
+# latest() at three sizes on both frame paths: about 5 minutes on 2 cores shared with other
+# work, less when quiet.
 FULL = {
     "sizes": "1080p,vga",
     "readers": "1,4,16",
@@ -300,9 +303,9 @@ def run_one(ctx: Any, spec: RunSpec) -> dict[str, Any]:
     return record
 
 
-def run_latest(ctx: Any, shapes: list[tuple[int, int, int]], reps: int, calls: int, idle_calls: int, fps: float) -> dict[str, Any]:
+def run_latest(ctx: Any, transport: str, shapes: list[tuple[int, int, int]], reps: int, calls: int, idle_calls: int, fps: float) -> dict[str, Any]:
     results = ctx.Queue()
-    process = ctx.Process(target=latest_cost.child_main, args=(shapes, reps, calls, idle_calls, 1.0 / fps, results), name="latest", daemon=True)
+    process = ctx.Process(target=latest_cost.child_main, args=(transport, shapes, reps, calls, idle_calls, 1.0 / fps, results), name="latest", daemon=True)
     process.start()
     inbox = _Inbox(results, [process])
     try:
@@ -370,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
         base = {"transport": name, "size": size_label(shape), "width": shape[1], "height": shape[0], "readers": readers, "tag": spec.tag, "order": number}
         if missing[name]:
-            record = {"status": "skipped", "reason": f"not installed: {', '.join(missing[name])} (pip install '.[bench]')"}
+            record = {"status": "skipped", "reason": "not installed: " + "; ".join(f"{m} ({transports.INSTALL[m]})" for m in missing[name])}
         else:
             record = run_one(ctx, spec)
         runs.append({**base, **record})
@@ -379,9 +382,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if record["status"] == "error":
             print(record["error"], file=sys.stderr)
     latest: dict[str, Any] = {}
-    if latest_sizes:
-        latest = run_latest(ctx, latest_sizes, args.reps, args.latest_calls, args.latest_idle_calls, args.fps)
-        print(f"latest() costs measured at {', '.join(latest)}", file=sys.stderr)
+    for path in (name for name in names if name in FRAME_PATHS and not missing[name]):
+        if latest_sizes:
+            latest[path] = run_latest(ctx, path, latest_sizes, args.reps, args.latest_calls, args.latest_idle_calls, args.fps)
+            print(f"latest() costs of {path} measured at {', '.join(latest[path])}", file=sys.stderr)
     runs.sort(key=lambda run: (sizes.index((run["height"], run["width"], 3)), reader_counts.index(run["readers"]), names.index(run["transport"])))
     report.add_ratios(runs)
     checks = report.targets(runs, latest)
@@ -389,7 +393,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     machine["loadavg_end"] = os.getloadavg()
     duration = time.monotonic() - started
     document = {
-        "schema": 1,
+        "schema": 2,
         "run_id": run_id,
         "command": [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])],
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -412,7 +416,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print(text)
     print()
-    print("Targets (design.md section 7), from this run:")
+    print("Performance targets, from this run:")
     print(report.targets_text(checks))
     print(f"\nwrote {out}")
     failed = [r for r in runs if r["status"] == "error"]

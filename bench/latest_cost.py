@@ -1,4 +1,5 @@
-"""What ``Reader.latest()`` costs by itself, at several frame sizes (framebroker only).
+"""What ``Reader.latest()`` costs by itself, at several frame sizes (framebroker only, on either
+frame path).
 
 One process holds a Publisher and a Reader of the same stream, so the call is all that is
 measured. For each size:
@@ -25,6 +26,7 @@ import numpy as np
 import framebroker as fb
 from driver import summarize_ns
 from frame_identity import SourceFrames
+from transports.framebroker_ring import choose_path
 
 
 def measure(shape: tuple[int, int, int], calls: int, idle_calls: int, period: float) -> dict[str, Any]:
@@ -66,9 +68,11 @@ def measure(shape: tuple[int, int, int], calls: int, idle_calls: int, period: fl
     }
 
 
-def child_main(shapes: list[tuple[int, int, int]], reps: int, calls: int, idle_calls: int, period: float, results: Any) -> None:
-    """Entry point of the spawned process: every size, ``reps`` times, sizes interleaved."""
+def child_main(transport: str, shapes: list[tuple[int, int, int]], reps: int, calls: int, idle_calls: int, period: float, results: Any) -> None:
+    """Entry point of the spawned process: every size, ``reps`` times, sizes interleaved, on the
+    frame path of ``transport`` (``framebroker`` or ``framebroker-pure``)."""
     try:
+        choose_path(transport)
         runs: dict[str, list[dict[str, Any]]] = {f"{s[1]}x{s[0]}": [] for s in shapes}
         for _ in range(reps):
             for shape in shapes:

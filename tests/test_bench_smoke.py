@@ -3,7 +3,8 @@
 Not a benchmark: ``--quick`` runs for seconds and no figure is judged here, only that the
 instrument works. Peers (pyzmq, iceoryx2) come from the ``bench`` extra; without them a
 developer's run skips them, but on CI (``CI=true``, where ``.ci/run`` installs the extra) a
-missing peer fails.
+missing peer fails. framebroker runs on both frame paths; the compiled one is skipped where the
+extension is not built (``.ci/run`` makes sure it is).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-TRANSPORTS = ["framebroker", "naive", "mp.Queue", "zmq", "iceoryx2"]
+TRANSPORTS = ["framebroker", "framebroker-pure", "naive", "mp.Queue", "zmq", "iceoryx2"]
 PEER_PACKAGES = {"zmq": "zmq", "iceoryx2": "iceoryx2"}
-ZERO_COPY = {"framebroker": True, "naive": True, "iceoryx2": True, "mp.Queue": False, "zmq": False}
+COMPILED = {"framebroker": "framebroker._fastpath"}
+ZERO_COPY = {"framebroker": True, "framebroker-pure": True, "naive": True, "iceoryx2": True, "mp.Queue": False, "zmq": False}
 SUMMARY_FIELDS = [
     "latency_p50_ms",
     "latency_p99_ms",
@@ -84,6 +86,7 @@ def test_quick_compare_reports_every_transport(tmp_path):
     missing = [name for name, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]
     if missing and os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI must install the bench extra (pip install '.[bench]'); missing peers: {missing}")
+    missing += [name for name, module in COMPILED.items() if importlib.util.find_spec(module) is None]
     out = tmp_path / "quick.json"
     result = subprocess.run(
         [sys.executable, str(BENCH / "compare.py"), "--quick", "--out", str(out)],
@@ -111,16 +114,18 @@ def test_quick_compare_reports_every_transport(tmp_path):
     naive = runs["naive"]["summary"]
     assert naive["torn"] + naive["changed"] > 0
     assert naive["changed_by_phase"]["integrity"] > 0
-    framebroker = runs["framebroker"]["summary"]
-    assert framebroker["torn"] == 0 and framebroker["changed"] == 0
-    assert framebroker["integrity_frames"] > 0
-
-    assert document["latest"]["640x480"]["new_frame_us"] > 0
+    for path in ("framebroker", "framebroker-pure"):
+        if path in missing:
+            continue
+        framebroker = runs[path]["summary"]
+        assert framebroker["torn"] == 0 and framebroker["changed"] == 0
+        assert framebroker["integrity_frames"] > 0
+        assert document["latest"][path]["640x480"]["new_frame_us"] > 0
     for key in ("cpu", "cores", "kernel", "python", "packages"):
         assert document["machine"][key]
     assert {check["target"] for check in document["targets"]}
-    assert "| framebroker |" in document["table_markdown"]
-    assert "| framebroker |" in result.stdout
+    assert "| framebroker |" in document["table_markdown"] and "| framebroker-pure |" in document["table_markdown"]
+    assert "| framebroker-pure |" in result.stdout
 
     leftovers = [entry for entry in os.listdir("/dev/shm") if document["run_id"] in entry]
     leftovers += [entry for entry in os.listdir("/tmp") if entry.startswith("fbbench-") and document["run_id"] in entry]

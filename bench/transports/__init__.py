@@ -23,15 +23,22 @@ from typing import Optional
 
 import numpy as np
 
-# name -> (module, import names of the optional packages it needs). Table order: the subject
-# first, then the baseline every ratio refers to, then the peers. A transport whose packages are
-# missing is reported as skipped, never silently left out.
+# name -> (module, import names of the optional modules it needs). Table order: the subject on
+# both of its frame paths (compiled, then pure Python), then the baseline every ratio refers to,
+# then the peers. A transport whose modules are missing is reported as skipped, with how to get
+# them (INSTALL), never silently left out.
 TRANSPORTS = {
-    "framebroker": ("transports.framebroker_ring", ()),
+    "framebroker": ("transports.framebroker_ring", ("framebroker._fastpath",)),
+    "framebroker-pure": ("transports.framebroker_ring", ()),
     "naive": ("transports.naive_shm", ()),
     "mp.Queue": ("transports.mp_queue", ()),
     "zmq": ("transports.zmq_pubsub", ("zmq",)),
     "iceoryx2": ("transports.iceoryx2_pubsub", ("iceoryx2",)),
+}
+INSTALL = {
+    "framebroker._fastpath": "the compiled frame path: install gcc and the Python headers (Debian: python3-dev), then pip install -e .",
+    "zmq": "pip install '.[bench]'",
+    "iceoryx2": "pip install '.[bench]'",
 }
 BASELINE = "naive"
 

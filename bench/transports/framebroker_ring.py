@@ -1,4 +1,8 @@
-"""framebroker itself, through its public API only.
+"""framebroker itself, through its public API only, on either frame path.
+
+``framebroker`` runs the compiled frame path (``framebroker/_fastpath.c``); ``framebroker-pure``
+the pure-Python one (``FRAMEBROKER_PURE=1`` in the producer's and readers' processes). Both come
+from the same installation in the same run, so the two rows compare the paths, not two builds.
 
 Producer: ``fb.Publisher(stream, shape, fps, slots)`` and ``publish(frame, timestamp_ns)``, one
 copy into the ring. The ring gets ``max(12, readers + 2)`` slots, the minimum for ``readers``
@@ -17,10 +21,12 @@ from typing import Any, Optional
 import numpy as np
 
 import framebroker as fb
+from framebroker import _fast
 
 from . import ProducerEnd, ReaderEnd, RunSpec
 
 DEFAULT_SLOTS = 12
+PURE = "framebroker-pure"
 
 
 def stream_name(spec: RunSpec) -> str:
@@ -43,8 +49,20 @@ def cleanup(resources: dict) -> None:
                 pass
 
 
+def choose_path(transport: str) -> None:
+    """Set this process's frame path from the transport's name (each end runs in a process of
+    its own); refuse to measure the compiled one as if it were there when it is not."""
+    if transport == PURE:
+        os.environ[_fast.PURE_VARIABLE] = "1"
+        return
+    os.environ.pop(_fast.PURE_VARIABLE, None)
+    if _fast.compiled() is None:
+        raise RuntimeError(f"the compiled frame path is unavailable here: {_fast.why_pure}")
+
+
 class Producer(ProducerEnd):
     def __init__(self, spec: RunSpec, resources: dict) -> None:
+        choose_path(spec.transport)
         self._publisher = fb.Publisher(resources["stream"], shape=spec.shape, fps=spec.fps, slots=resources["slots"])
 
     def publish(self, frame: np.ndarray, timestamp_ns: int) -> None:
@@ -56,6 +74,7 @@ class Producer(ProducerEnd):
 
 class Reader(ReaderEnd):
     def __init__(self, spec: RunSpec, resources: dict, index: int) -> None:
+        choose_path(spec.transport)
         self._reader = fb.Reader(resources["stream"], name=f"bench-reader-{index}", hold=1, wait=10.0)
         self._frame: Optional[fb.Frame] = None
 
