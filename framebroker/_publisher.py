@@ -476,7 +476,9 @@ class Publisher:
             self._publisher_drops += 1
             return None
         try:
-            np.copyto(self._views[slot], array, casting="no")
+            # The compiled path copies large frames around the caches (_fastpath.c says why).
+            if self._compiled is None or not self._compiled.copy_frame(self._views[slot], array):
+                np.copyto(self._views[slot], array, casting="no")
         except BaseException:
             self._abandon(slot)
             raise

@@ -107,6 +107,9 @@ barriers the kernel's release and acquire already imply. It stores HEAD's ``newe
 with ``__ATOMIC_RELEASE``, after the map entry, the slot and the state, and readers load it with
 ``__ATOMIC_ACQUIRE`` before those: a reader that sees the new seq sees the slot that goes with it,
 which makes the hint right more often; correctness still comes from the record under the lock.
+Frames larger than the core's L2 cache are copied in with non-temporal stores on x86-64
+(``copy_frame``), which x86 does not order like other stores: an ``sfence`` follows them, before
+the record and the unlock.
 
 Why the producer never waits
 ----------------------------
