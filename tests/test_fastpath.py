@@ -253,3 +253,32 @@ def test_a_reader_on_the_other_path_is_woken_when_the_stream_ends(env, monkeypat
     # Unwoken, a waiting reader notices at its liveness step (every 0.5 s): half a step late on
     # average. Woken, within milliseconds.
     assert statistics.median(delays) < 0.1, delays
+
+
+# --- large frames: the compiled copy around the caches ----------------------------------------------
+
+
+def test_frames_larger_than_the_cache_arrive_intact_across_processes(env):
+    """1080p frames (larger than any core's L2) go through copy_frame's non-temporal stores; every
+    byte of each must be the frame's own when a reader in another process leases it."""
+    _require_compiled()
+    name = env.name()
+    source = _worker(env, "compiled", "produce", name, "--seconds", "60", "--width", "1920", "--height", "1080")
+    source.wait_event("ready")
+    checker = _worker(env, "pure", "verify", name, "--seconds", "40", "--frames", "150", "--recheck", "--name", "large")
+    result = checker.wait_event("done", timeout=60)
+    assert result["checked"] == 150 and result["bad"] == 0, result
+
+
+def test_publish_copies_contiguous_and_strided_frames_alike(env, monkeypatch):
+    _require_compiled()
+    _use_path(monkeypatch, "compiled")
+    name = env.name()
+    shape = (2160, 3840, 3)  # 25 MB: above the streaming threshold everywhere
+    with fb.Publisher(name, shape=shape, slots=4) as pub, fb.Reader(name, name="large") as cam:
+        for n, frame in enumerate((testpattern.render(1, shape), np.ascontiguousarray(testpattern.render(2, shape)[:, ::-1])[:, ::-1]), 1):
+            assert pub.publish(frame) == n
+            held = cam.latest(timeout=5.0)
+            assert np.array_equal(held.array, frame) and testpattern.verify(held.array) == n
+            held.release()
+        assert _fast._compiled.copy_frame(pub._views[0], testpattern.render(3, shape)) is True
