@@ -56,6 +56,7 @@ from ._layout import (
     producer_semaphore_name,
     semaphore_name,
 )
+from ._ring import LIVENESS_STEP
 from ._segment import Segment, open_segment
 from ._table import note_change, remove_listener_queue
 
@@ -216,6 +217,7 @@ class Attachment:
             stream=self.stream,
             futex=bool(self.wake_flags & FLAG_FUTEX),
             rate_window_ns=RATE_WINDOW_NS,
+            liveness_step=LIVENESS_STEP,
         )
 
     def close_fast(self) -> None:

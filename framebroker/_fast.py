@@ -76,6 +76,7 @@ def _layout_mismatches(module: ModuleType) -> list:
         "ENTRY_HELD_OFFSET": _layout.ENTRY_HELD_OFFSET,
         "ENTRY_RATE_OFFSET": _layout.ENTRY_RATE_OFFSET,
         "MAX_PENDING_WAKES": _ring.MAX_PENDING_WAKES,
+        "PRODUCER_WAITS_OFFSET": _layout.PRODUCER_WAITS_OFFSET,
         "HEAD_SIZE": FRAME_COUNTERS.size,
         "META_SIZE": META.size,
         "PROGRESS_SIZE": _layout.ENTRY_PROGRESS_HELD.size,

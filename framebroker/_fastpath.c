@@ -47,6 +47,7 @@
 
 #define LIVE_OFFSET 320
 #define WAKE_OFFSET (LIVE_OFFSET + 144)
+#define PRODUCER_WAITS_OFFSET (LIVE_OFFSET + 112) /* lockstep: readers post the producer's semaphore */
 #define META_RECORD_SIZE 64
 #define LOCK_SLOT_BASE 1024
 #define MAX_SLOTS 256
@@ -113,12 +114,12 @@ static const char *const frame_field_names[F_COUNT] = {
 };
 static PyObject *frame_fields[F_COUNT];
 /* The Reader's attributes take() reads and moves on (framebroker/_reader.py). */
-enum reader_field { R_MODE, R_PROGRESS_DUE, R_ORPHANED, R_LAST_SEQ, R_SEEN_NEWEST, R_SEEN_AT, R_HOLD, R_FRAMES, R_COUNT };
+enum reader_field { R_MODE, R_PROGRESS_DUE, R_ORPHANED, R_LAST_SEQ, R_SEEN_NEWEST, R_SEEN_AT, R_HOLD, R_FRAMES, R_DROPPED, R_COUNT };
 static const char *const reader_field_names[R_COUNT] = {
-    "_mode", "_progress_due", "_orphaned", "_last_seq", "_seen_newest", "_seen_at", "_hold", "_frames",
+    "_mode", "_progress_due", "_orphaned", "_last_seq", "_seen_newest", "_seen_at", "_hold", "_frames", "_dropped",
 };
 static PyObject *reader_fields[R_COUNT];
-static PyObject *str_value, *str_release, *str_refresh_readers, *str_bgr, *float_zero;
+static PyObject *str_value, *str_release, *str_refresh_readers, *str_producer_semaphore, *str_bgr, *float_zero;
 
 /* --- system calls ------------------------------------------------------------------------------ */
 
@@ -185,6 +186,7 @@ typedef struct {
     uint64_t map_mask;
     uint64_t newest; /* HEAD's newest_seq at the last take() */
     uint64_t rate_window_ns;
+    double liveness_step; /* the longest a wait in take() lasts before _get looks at the daemon */
     uint64_t rate_mark_ns; /* where this reader's rate window started: when, at which frame count */
     uint64_t rate_mark_frames;
     PyObject *attachment;
@@ -283,16 +285,17 @@ static int ReaderPath_init(ReaderPath *self, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"control", "fd", "slot_count", "meta_offset", "map_offset", "map_size", "entry_offset",
                                "attachment", "held", "view", "frame_type", "format_names", "stream", "futex",
-                               "rate_window_ns", NULL};
+                               "rate_window_ns", "liveness_step", NULL};
     PyObject *control, *attachment, *held, *view, *frame_type, *format_names, *stream;
     int fd, futex;
     unsigned int slot_count;
     Py_ssize_t meta_offset, map_offset, entry_offset;
     unsigned long long map_size, rate_window_ns;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiInnKnOO!OO!O!UpK:ReaderPath", keywords, &control, &fd, &slot_count,
+    double liveness_step;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiInnKnOO!OO!O!UpKd:ReaderPath", keywords, &control, &fd, &slot_count,
                                      &meta_offset, &map_offset, &map_size, &entry_offset, &attachment, &PyDict_Type, &held,
                                      &view, &PyType_Type, &frame_type, &PyDict_Type, &format_names, &stream, &futex,
-                                     &rate_window_ns))
+                                     &rate_window_ns, &liveness_step))
         return -1;
     if (slot_count == 0 || slot_count > MAX_SLOTS || map_size == 0 || (map_size & (map_size - 1)) != 0) {
         PyErr_SetString(PyExc_ValueError, "implausible ring geometry");
@@ -317,6 +320,7 @@ static int ReaderPath_init(ReaderPath *self, PyObject *args, PyObject *kwargs)
     self->map_mask = map_size - 1;
     self->newest = 0;
     self->rate_window_ns = rate_window_ns;
+    self->liveness_step = liveness_step;
     self->rate_mark_ns = 0;
     self->rate_mark_frames = 0;
     ReaderPath_clear(self);
@@ -385,14 +389,12 @@ static uint64_t clock_ns(clockid_t clock)
     return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
 }
 
-/* latest()'s figures for status, written with the lease (Reader._write_progress does the same
- * for the other modes, before they wait): progress and held count, and about every
- * rate_window_ns the rate with the wall time of this frame. */
-static void reader_write_figures(ReaderPath *self, uint64_t seq, uint64_t frames)
+/* The reader's figures for status, as Reader._write_progress writes them: progress (with the
+ * cursor a producer in lockstep waits for) and held count, and about every rate_window_ns the
+ * rate with the wall time of this frame. */
+static void reader_write_figures(ReaderPath *self, uint64_t seq, uint64_t cursor, uint64_t frames, uint64_t dropped)
 {
-    /* dropped: only an ordered reader misses frames, and it writes its figures itself. */
-    uint64_t dropped = __atomic_load_n((uint64_t *)(self->base + self->entry_offset + ENTRY_PROGRESS_OFFSET + 24), __ATOMIC_RELAXED);
-    struct progress progress = {seq, 0, frames, dropped, (uint32_t)PyDict_GET_SIZE(self->held)};
+    struct progress progress = {seq, cursor, frames, dropped, (uint32_t)PyDict_GET_SIZE(self->held)};
     memcpy(self->base + self->entry_offset + ENTRY_PROGRESS_OFFSET, &progress, PROGRESS_SIZE);
     uint64_t now = clock_ns(CLOCK_MONOTONIC);
     if (now - self->rate_mark_ns < self->rate_window_ns)
@@ -404,6 +406,18 @@ static void reader_write_figures(ReaderPath *self, uint64_t seq, uint64_t frames
     }
     self->rate_mark_ns = now;
     self->rate_mark_frames = frames;
+}
+
+/* Attachment.nudge_producer: wake a producer that waits for its readers (lockstep). */
+static void reader_nudge_producer(ReaderPath *self)
+{
+    if (!__atomic_load_n((uint32_t *)(self->base + PRODUCER_WAITS_OFFSET), __ATOMIC_RELAXED))
+        return;
+    PyObject *semaphore = PyObject_GetAttr(self->attachment, str_producer_semaphore);
+    PyObject *done = semaphore != NULL && semaphore != Py_None ? PyObject_CallMethodObjArgs(semaphore, str_release, NULL) : NULL;
+    Py_XDECREF(done);
+    Py_XDECREF(semaphore);
+    PyErr_Clear(); /* a producer gone meanwhile: nobody to wake */
 }
 
 static PyObject *reader_shape(ReaderPath *self, const struct meta_record *meta)
@@ -534,19 +548,69 @@ static PyObject *reader_lease(ReaderPath *self, uint32_t slot, uint64_t target)
     return frame;
 }
 
+static double monotonic_seconds(void)
+{
+    return (double)clock_ns(CLOCK_MONOTONIC) / 1e9;
+}
+
+/* Sleep in FUTEX_WAIT on the wake word for at most `seconds`, unless HEAD's newest_seq is no
+ * longer `expected` (what the caller saw when it found nothing new) or the segment ended or was
+ * replaced: 1 woken (or no need to sleep), 0 timed out, -1 an exception from a signal handler. */
+static int reader_sleep(ReaderPath *self, uint64_t expected, double seconds)
+{
+    if (!(seconds > 0))
+        return 0;
+    uint32_t *word = (uint32_t *)(self->base + WAKE_OFFSET);
+    const struct head *head = (const struct head *)(self->base + LIVE_OFFSET);
+    /* The word first, then HEAD (acquire, both): a frame published after the HEAD read the
+     * caller decided on either shows in this HEAD read or has already changed the word, and then
+     * FUTEX_WAIT returns at once (the kernel compares the word under its own lock). */
+    uint32_t armed = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    uint64_t newest = __atomic_load_n(&head->newest_seq, __ATOMIC_ACQUIRE);
+    uint32_t state = __atomic_load_n(&head->state, __ATOMIC_RELAXED);
+    if (newest != expected || state == STATE_ENDED || state == STATE_REPLACED)
+        return 1;
+    struct timespec span;
+    span.tv_sec = (time_t)seconds;
+    span.tv_nsec = (long)((seconds - (double)span.tv_sec) * 1e9);
+    if (span.tv_nsec >= 1000000000L)
+        span.tv_nsec = 999999999L;
+    long result;
+    int error;
+    Py_BEGIN_ALLOW_THREADS
+    result = futex_wait(word, armed, &span);
+    error = errno;
+    Py_END_ALLOW_THREADS
+    if (result == 0 || error == EAGAIN)
+        return 1;
+    if (error == ETIMEDOUT)
+        return 0;
+    if (error == EINTR)
+        return PyErr_CheckSignals() < 0 ? -1 : 1;
+    errno = error;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return -1;
+}
+
 /* How many times take() looks at HEAD again after losing a race to the producer before it
  * leaves the case to the Python path. */
 #define TAKE_ATTEMPTS 4
 
 
 PyDoc_STRVAR(take_doc,
-    "take(reader, mode) -> Frame | None\n\n"
-    "Lease the frame Reader._get would lease now for `mode`, in one call: a Frame (held by the\n"
-    "attachment), with the reader's position moved on as _get does (_last_seq, _frames,\n"
-    "_seen_newest and _seen_at, _progress_due). None when _get's own steps must decide: nothing\n"
-    "new, the same frame again, an ended or replaced segment, a frame gone before an ordered\n"
-    "reader got to it, or work due first (another mode, figures to write, an orphaned reader).\n"
-    "In live mode (latest()) it also writes the reader's figures for status.");
+    "take(reader, mode, deadline) -> Frame | False | None\n\n"
+    "What Reader._get does for `mode` in one call, as long as nothing unusual happens: first what\n"
+    "comes before looking (in next and ordered mode, give back the oldest frame held beyond the\n"
+    "budget; write the reader's figures for status if due, with an ordered reader's cursor and a\n"
+    "nudge to a producer in lockstep), then the lease: a Frame (held by the attachment), with the\n"
+    "reader's position moved on (_last_seq, _frames, _seen_newest and _seen_at, _progress_due).\n"
+    "In next and ordered mode, a reader on the wake word that finds nothing new sleeps on it until\n"
+    "a frame comes, at most one liveness step and not past `deadline` (time.monotonic(), or None),\n"
+    "and leases it at once; False if the step passed without one (_get then checks the daemon).\n"
+    "None when _get's own steps must decide: nothing new without waiting here, the same frame\n"
+    "again, an ended or replaced segment, a frame gone before an ordered reader got to it, another\n"
+    "mode than the reader's, an orphaned reader. In live mode (latest()) the figures are written\n"
+    "with the lease.");
 
 /* The reader's int (or bool) attribute `field`. */
 static int get_reader_int(PyObject *reader, enum reader_field field, long long *out)
@@ -569,9 +633,13 @@ static int set_reader_int(PyObject *reader, enum reader_field field, long long v
     return failed;
 }
 
-/* Steps 1-4 for `mode` once: a new reference to the leased Frame, Py_None to leave it to the
- * Python path, NULL on error; *again is set when a race with the producer was lost. */
-static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, long long seen, long hold, int *again)
+/* Why reader_take_once leased nothing. */
+enum take_outcome { TAKE_DECIDE, TAKE_RETRY, TAKE_NOTHING_NEW };
+
+/* Steps 1-4 for `mode` once: a new reference to the leased Frame, or Py_None with *outcome
+ * saying why (a race lost to the producer, nothing new to wait for, or a case for the Python
+ * path), NULL on error. */
+static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, long long seen, long hold, enum take_outcome *outcome)
 {
     const struct head *head = (const struct head *)(self->base + LIVE_OFFSET);
     /* Step 1: HEAD. Acquire on newest_seq pairs with the producer's release store of it, so
@@ -580,7 +648,7 @@ static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, lo
     uint32_t slot = __atomic_load_n(&head->slot, __ATOMIC_RELAXED);
     uint32_t state = __atomic_load_n(&head->state, __ATOMIC_RELAXED);
     self->newest = newest;
-    *again = 0;
+    *outcome = TAKE_DECIDE;
     if (state == STATE_ENDED || state == STATE_REPLACED || slot == NO_FRAME || newest == 0)
         Py_RETURN_NONE;
     uint64_t target = newest;
@@ -598,8 +666,10 @@ static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, lo
                 return NULL;
         }
     } else {
-        if (newest <= last)
-            Py_RETURN_NONE; /* nothing new: wait */
+        if (newest <= last) {
+            *outcome = TAKE_NOTHING_NEW;
+            Py_RETURN_NONE;
+        }
         if (mode == MODE_ORDERED && last) {
             target = last + 1;
             slot = __atomic_load_n((uint32_t *)(self->base + self->map_offset + (Py_ssize_t)((target & self->map_mask) * 4)), __ATOMIC_RELAXED);
@@ -610,38 +680,77 @@ static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, lo
     PyObject *frame = reader_lease(self, slot, target);
     /* Lost to the producer: look again, except for an ordered reader whose next frame may be
      * gone for good (the Python path then takes the oldest one after it). */
-    if (frame == Py_None)
-        *again = !(mode == MODE_ORDERED && last);
+    if (frame == Py_None && !(mode == MODE_ORDERED && last))
+        *outcome = TAKE_RETRY;
     return frame;
 }
 
 static PyObject *ReaderPath_take(ReaderPath *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "take() takes reader, mode");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take() takes reader, mode, deadline");
         return NULL;
     }
     PyObject *reader = args[0];
     long mode = PyLong_AsLong(args[1]);
-    if (mode == -1 && PyErr_Occurred())
+    double deadline = args[2] == Py_None ? INFINITY : PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
         return NULL;
     if (self->base == NULL)
         return closed_error();
-    long long reader_mode, progress_due, orphaned, last, seen, hold, frames;
-    if (get_reader_int(reader, R_MODE, &reader_mode) < 0 || get_reader_int(reader, R_PROGRESS_DUE, &progress_due) < 0 ||
-        get_reader_int(reader, R_ORPHANED, &orphaned) < 0)
+    long long reader_mode, progress_due, orphaned, last, seen, hold, frames, dropped;
+    if (get_reader_int(reader, R_MODE, &reader_mode) < 0 || get_reader_int(reader, R_ORPHANED, &orphaned) < 0)
         return NULL;
-    if (reader_mode != mode || progress_due || orphaned)
+    if (reader_mode != mode || orphaned)
         Py_RETURN_NONE;
-    if (get_reader_int(reader, R_LAST_SEQ, &last) < 0 || get_reader_int(reader, R_SEEN_NEWEST, &seen) < 0 ||
-        get_reader_int(reader, R_HOLD, &hold) < 0 || get_reader_int(reader, R_FRAMES, &frames) < 0)
+    if (get_reader_int(reader, R_PROGRESS_DUE, &progress_due) < 0 || get_reader_int(reader, R_LAST_SEQ, &last) < 0 ||
+        get_reader_int(reader, R_SEEN_NEWEST, &seen) < 0 || get_reader_int(reader, R_HOLD, &hold) < 0 ||
+        get_reader_int(reader, R_FRAMES, &frames) < 0 || get_reader_int(reader, R_DROPPED, &dropped) < 0)
         return NULL;
-    PyObject *frame = Py_None;
-    Py_INCREF(frame);
-    for (int attempt = 0, again = 1; attempt < TAKE_ATTEMPTS && again; attempt++) {
+    /* Before looking: asking for the next frame gives the oldest held one back now (the producer
+     * gets its slot back a frame period sooner), and the figures go out before any wait. */
+    while (mode != MODE_LIVE && PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
+        Py_ssize_t position = 0;
+        PyObject *key, *oldest;
+        PyDict_Next(self->held, &position, &key, &oldest);
+        Py_INCREF(oldest);
+        int failed = reader_release(self, oldest, 0);
+        Py_DECREF(oldest);
+        if (failed < 0)
+            return NULL;
+        progress_due = 1;
+    }
+    if (progress_due) {
+        reader_write_figures(self, (uint64_t)last, mode == MODE_ORDERED ? (uint64_t)last : 0, (uint64_t)frames, (uint64_t)dropped);
+        if (mode == MODE_ORDERED)
+            reader_nudge_producer(self); /* a producer in lockstep waits for this cursor */
+        if (PyObject_SetAttr(reader, reader_fields[R_PROGRESS_DUE], Py_False) < 0)
+            return NULL;
+    }
+    PyObject *frame;
+    double step_end = -1.0; /* when the wait that started with the first "nothing new" ends */
+    for (;;) {
+        enum take_outcome outcome = TAKE_RETRY;
+        frame = Py_None;
+        Py_INCREF(frame);
+        for (int attempt = 0; attempt < TAKE_ATTEMPTS && outcome == TAKE_RETRY; attempt++) {
+            Py_DECREF(frame);
+            frame = reader_take_once(self, mode, (uint64_t)last, seen, hold, &outcome);
+            if (frame == NULL)
+                return NULL;
+        }
+        if (frame != Py_None || outcome != TAKE_NOTHING_NEW || !self->futex)
+            break;
+        /* Nothing new: sleep on the wake word, then look again (woken or not). */
         Py_DECREF(frame);
-        frame = reader_take_once(self, mode, (uint64_t)last, seen, hold, &again);
-        if (frame == NULL)
+        double now = monotonic_seconds();
+        if (now >= deadline)
+            Py_RETURN_NONE; /* _get raises FrameTimeout */
+        if (step_end < 0)
+            step_end = fmin(now + self->liveness_step, deadline);
+        if (now >= step_end)
+            Py_RETURN_FALSE; /* a whole liveness step without a frame */
+        if (reader_sleep(self, self->newest, step_end - now) < 0)
             return NULL;
     }
     if (frame == Py_None)
@@ -660,7 +769,7 @@ static PyObject *ReaderPath_take(ReaderPath *self, PyObject *const *args, Py_ssi
      * other modes write theirs before they wait, an ordered reader's cursor only once it asks
      * for the next frame. */
     if (!failed && mode == MODE_LIVE)
-        reader_write_figures(self, seq, (uint64_t)frames + 1);
+        reader_write_figures(self, seq, 0, (uint64_t)frames + 1, (uint64_t)dropped);
     else if (!failed)
         failed = PyObject_SetAttr(reader, reader_fields[R_PROGRESS_DUE], Py_True) < 0;
     if (failed) {
@@ -703,40 +812,10 @@ static PyObject *ReaderPath_wait(ReaderPath *self, PyObject *const *args, Py_ssi
         return NULL;
     if (self->base == NULL)
         return closed_error();
-    if (!(timeout > 0))
-        Py_RETURN_FALSE;
-    uint32_t *word = (uint32_t *)(self->base + WAKE_OFFSET);
-    const struct head *head = (const struct head *)(self->base + LIVE_OFFSET);
-    /* The word first, then HEAD (acquire, both): a frame published after the HEAD read the
-     * caller decided on either shows in this HEAD read or has already changed the word, and then
-     * FUTEX_WAIT returns at once (the kernel compares the word under its own lock). */
-    uint32_t armed = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-    uint64_t newest = __atomic_load_n(&head->newest_seq, __ATOMIC_ACQUIRE);
-    uint32_t state = __atomic_load_n(&head->state, __ATOMIC_RELAXED);
-    if (newest != expected || state == STATE_ENDED || state == STATE_REPLACED)
-        Py_RETURN_TRUE;
-    struct timespec span;
-    span.tv_sec = (time_t)timeout;
-    span.tv_nsec = (long)((timeout - (double)span.tv_sec) * 1e9);
-    if (span.tv_nsec >= 1000000000L)
-        span.tv_nsec = 999999999L;
-    long result;
-    int error;
-    Py_BEGIN_ALLOW_THREADS
-    result = futex_wait(word, armed, &span);
-    error = errno;
-    Py_END_ALLOW_THREADS
-    if (result == 0 || error == EAGAIN)
-        Py_RETURN_TRUE;
-    if (error == ETIMEDOUT)
-        Py_RETURN_FALSE;
-    if (error == EINTR) {
-        if (PyErr_CheckSignals() < 0)
-            return NULL;
-        Py_RETURN_TRUE;
-    }
-    errno = error;
-    return PyErr_SetFromErrno(PyExc_OSError);
+    int woken = reader_sleep(self, expected, timeout);
+    if (woken < 0)
+        return NULL;
+    return PyBool_FromLong(woken);
 }
 
 PyDoc_STRVAR(reader_close_doc, "close()\n\nLet go of the control area and the descriptor (before the segment closes them).");
@@ -1214,10 +1293,10 @@ static struct PyModuleDef fastpath_module = {
 static int add_layout(PyObject *module)
 {
     PyObject *layout = Py_BuildValue(
-        "{s:i,s:i,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "LIVE_OFFSET", LIVE_OFFSET, "WAKE_OFFSET",
+        "{s:i,s:i,s:i,s:i,s:i,s:I,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "LIVE_OFFSET", LIVE_OFFSET, "WAKE_OFFSET",
         WAKE_OFFSET, "META_RECORD_SIZE", META_RECORD_SIZE, "LOCK_SLOT_BASE", LOCK_SLOT_BASE, "MAX_SLOTS", MAX_SLOTS, "NO_FRAME",
         NO_FRAME, "STREAMING", STATE_STREAMING, "ENDED", STATE_ENDED, "REPLACED", STATE_REPLACED, "LIVE", MODE_LIVE, "NEXT",
-        MODE_NEXT, "ORDERED", MODE_ORDERED, "ENTRY_CURSOR_OFFSET", ENTRY_CURSOR_OFFSET, "MAX_PENDING_WAKES", MAX_PENDING_WAKES, "ENTRY_PROGRESS_OFFSET", ENTRY_PROGRESS_OFFSET, "ENTRY_HELD_OFFSET",
+        MODE_NEXT, "ORDERED", MODE_ORDERED, "ENTRY_CURSOR_OFFSET", ENTRY_CURSOR_OFFSET, "MAX_PENDING_WAKES", MAX_PENDING_WAKES, "PRODUCER_WAITS_OFFSET", PRODUCER_WAITS_OFFSET, "ENTRY_PROGRESS_OFFSET", ENTRY_PROGRESS_OFFSET, "ENTRY_HELD_OFFSET",
         ENTRY_HELD_OFFSET, "ENTRY_RATE_OFFSET", ENTRY_RATE_OFFSET,
         "HEAD_SIZE", (int)sizeof(struct head), "META_SIZE", (int)sizeof(struct meta_record), "PROGRESS_SIZE", (int)PROGRESS_SIZE, "RATE_SIZE", (int)sizeof(struct rate));
     if (layout == NULL || PyModule_AddObject(module, "LAYOUT", layout) < 0) {
@@ -1242,6 +1321,7 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     streaming_threshold = find_streaming_threshold();
     if ((str_value = PyUnicode_InternFromString("value")) == NULL || (str_release = PyUnicode_InternFromString("release")) == NULL ||
         (str_refresh_readers = PyUnicode_InternFromString("_refresh_readers")) == NULL ||
+        (str_producer_semaphore = PyUnicode_InternFromString("producer_semaphore")) == NULL ||
         (str_bgr = PyUnicode_InternFromString("bgr")) == NULL)
         return NULL;
     if (PyType_Ready(&ReaderPathType) < 0 || PyType_Ready(&ProducerPathType) < 0)

@@ -322,7 +322,7 @@ class Reader:
         if attachment is not None and attachment.fast is not None and self._takes_compiled:
             # A new frame in one compiled call, without a second Python call into _get (after
             # idling, each costs microseconds); None leaves the case to _get's steps.
-            frame = attachment.fast.take(self, ReaderMode.LIVE)
+            frame = attachment.fast.take(self, ReaderMode.LIVE, None)
             if frame is not None:
                 return frame
         return self._get(ReaderMode.LIVE, timeout)
@@ -360,22 +360,30 @@ class Reader:
             self._mode = mode
             attachment.set_mode(mode)
             self._progress_due = True
-        held = attachment.held
-        if mode != ReaderMode.LIVE and len(held) >= self._hold:
-            # Asking for the next frame gives the oldest held one back now, not once the new one
-            # arrives: the producer gets the slot back a frame period sooner, so it can keep
-            # writing the same two warm slots.
-            attachment.release(next(iter(held.values())), publish=False)
-            self._progress_due = True
-        if self._progress_due:
-            self._write_progress(attachment)
+        if attachment.fast is None or not self._takes_compiled:  # the compiled take does this first
+            held = attachment.held
+            if mode != ReaderMode.LIVE and len(held) >= self._hold:
+                # Asking for the next frame gives the oldest held one back now, not once the new
+                # one arrives: the producer gets the slot back a frame period sooner, so it can
+                # keep writing the same two warm slots.
+                attachment.release(next(iter(held.values())), publish=False)
+                self._progress_due = True
+            if self._progress_due:
+                self._write_progress(attachment)
         deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
         while True:
             fast = attachment.fast
             if fast is not None and self._takes_compiled:
-                # The usual case in one compiled call: HEAD, the lease, the Frame, this reader's
-                # position moved on (_fastpath.c). None leaves the rest to the steps below.
-                frame = fast.take(self, mode)
+                # The usual case in one compiled call: what comes before looking, HEAD, the lease,
+                # the Frame, this reader's position moved on, and the wait when nothing is new yet
+                # (_fastpath.c). None leaves the rest to the steps below.
+                frame = fast.take(self, mode, deadline)
+                if frame is False:
+                    # A whole liveness step without a frame: is the daemon still there?
+                    if not attachment.segment.owner_alive():
+                        self._orphan()
+                    attachment = self._attachment or attachment
+                    continue
                 if frame is not None:
                     return frame
             newest, slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
@@ -384,7 +392,9 @@ class Reader:
                 self._seen_at = 0.0
                 special = state == StreamState.ENDED or state == StreamState.REPLACED
             else:
-                special = state == StreamState.ENDED or state == StreamState.REPLACED or self._stale()
+                # _stale() is for readers that never wait (latest()); the others learn that the
+                # daemon died when their wait times out.
+                special = state == StreamState.ENDED or state == StreamState.REPLACED or (mode == ReaderMode.LIVE and self._stale())
             if special:
                 self._check_stream(attachment, state, mode, newest)
                 if self._attachment is not attachment:
