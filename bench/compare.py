@@ -3,6 +3,7 @@
     python bench/compare.py                 # the full table (about 5 minutes on 2 cores)
     python bench/compare.py --quick         # seconds: the smoke test's run
     python bench/compare.py --sizes 1080p --readers 4 --transports framebroker,framebroker-pure,naive,iceoryx2
+    python bench/compare.py --merge bench/results/compare-A.json B.json C.json   # medians of runs
 
 framebroker is measured on both of its frame paths: ``framebroker`` (compiled, ``_fastpath.c``)
 and ``framebroker-pure`` (``FRAMEBROKER_PURE=1``). For every frame size x reader count x
@@ -105,6 +106,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--latest-idle-calls", type=int, help="latest() calls after a frame period idle")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results/compare-<date>.json)")
     parser.add_argument("--require-all", action="store_true", help="fail when a transport's packages are missing instead of skipping it")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="measure nothing: print the tables and targets of these runs' medians")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
@@ -334,8 +336,25 @@ def run_latest(ctx: Any, transport: str, shapes: list[tuple[int, int, int]], rep
 # --- main ------------------------------------------------------------------------------------------
 
 
+def merge_main(paths: list[Path]) -> int:
+    documents = [json.loads(path.read_text()) for path in paths]
+    order = {name: index for index, name in enumerate(TRANSPORTS)}
+    runs, latest = report.merge(documents)
+    runs.sort(key=lambda run: (-run["height"], run["readers"], order.get(run["transport"], len(order))))
+    for document in documents:
+        machine = document["machine"]
+        print(f"{document['date']}: {machine_line(machine)}; load average at end {machine['loadavg_end'][0]:.2f}; {document['duration_s']:.0f} s")
+    print(f"\nMedians of {len(documents)} runs (ratios between the medians)\n")
+    print(report.tables(runs, latest))
+    print("\nPerformance targets, from these medians:")
+    print(report.targets_text(report.targets(runs, latest)))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_main(args.merge)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     reader_counts = [int(r) for r in str(args.readers).split(",") if r.strip()]
     names = parse_transports(args.transports)

@@ -123,6 +123,46 @@ def summarize_run(producer: dict[str, Any], readers: list[dict[str, Any]], zero_
     return summary
 
 
+def merge(documents: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Several runs of compare.py as one: per transport, size and reader count, the median of
+    each figure over the runs (torn and changed frames: the sum; zero-copy: all runs), and the
+    same for latest(); ratios are then taken between these medians."""
+
+    def median_of(values: list[Any]) -> Any:
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return _median(numbers) if numbers else None
+
+    merged: dict[tuple, dict[str, Any]] = {}
+    for document in documents:
+        for run in document["runs"]:
+            key = (run["size"], run["readers"], run["transport"])
+            entry = merged.setdefault(key, {**{k: run[k] for k in ("transport", "size", "width", "height", "readers")}, "summaries": [], "statuses": []})
+            entry["statuses"].append(run["status"])
+            if run["status"] == "ok":
+                entry["summaries"].append(run["summary"])
+    runs = []
+    for entry in merged.values():
+        summaries = entry.pop("summaries")
+        statuses = entry.pop("statuses")
+        if not summaries:
+            runs.append({**entry, "status": statuses[0], "reason": "in every run"})
+            continue
+        summary = {key: median_of([s.get(key) for s in summaries]) for key in summaries[0] if not isinstance(summaries[0][key], (dict, list))}
+        summary["torn"] = sum(s["torn"] for s in summaries)
+        summary["changed"] = sum(s["changed"] for s in summaries)
+        summary["zero_copy"] = all(s["zero_copy"] for s in summaries)
+        summary["runs_ok"] = f"{len(summaries)}/{len(statuses)}"
+        runs.append({**entry, "status": "ok", "summary": summary})
+    latest: dict[str, Any] = {}
+    for document in documents:
+        for path, rows in document.get("latest", {}).items():
+            for size, row in rows.items():
+                latest.setdefault(path, {}).setdefault(size, []).append(row)
+    latest = {path: {size: {key: median_of([r[key] for r in rows]) for key in rows[0] if key != "runs"} for size, rows in sizes.items()} for path, sizes in latest.items()}
+    add_ratios(runs)
+    return runs, latest
+
+
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """Ratios of each run's latency and throughput to the baseline's, same size and readers."""
     baseline = {(r["size"], r["readers"]): r["summary"] for r in runs if r["transport"] == BASELINE and r["status"] == "ok"}

@@ -165,6 +165,15 @@ static int get_control(PyObject *control, Py_buffer *view, Py_ssize_t needed)
     return 0;
 }
 
+/* Let go of a segment's control area and descriptor (the segment is about to close them). */
+static void let_go(Py_buffer *control, char **base, int *fd)
+{
+    if (control->obj != NULL)
+        PyBuffer_Release(control);
+    *base = NULL;
+    *fd = -1;
+}
+
 static PyObject *closed_error(void)
 {
     PyErr_SetString(PyExc_ValueError, "this frame path was closed with its segment");
@@ -265,18 +274,10 @@ static inline PyObject **frame_field(ReaderPath *self, PyObject *frame, enum fra
     return (PyObject **)((char *)frame + self->field_offsets[field]);
 }
 
-static void reader_close(ReaderPath *self)
-{
-    if (self->control.obj != NULL)
-        PyBuffer_Release(&self->control);
-    self->base = NULL;
-    self->fd = -1;
-}
-
 static void ReaderPath_dealloc(ReaderPath *self)
 {
     PyObject_GC_UnTrack(self);
-    reader_close(self);
+    let_go(&self->control, &self->base, &self->fd);
     ReaderPath_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -380,6 +381,25 @@ static int reader_release(ReaderPath *self, PyObject *frame, int publish)
     if (publish)
         __atomic_store_n((uint32_t *)(self->base + self->entry_offset + ENTRY_HELD_OFFSET), (uint32_t)PyDict_GET_SIZE(self->held), __ATOMIC_RELAXED);
     return 0;
+}
+
+/* Give back the oldest held frames until fewer than `hold` are held: 1 if any went, 0 if none,
+ * -1 on error. Without `publish`: the caller writes the reader's figures after. */
+static int reader_release_beyond(ReaderPath *self, long hold)
+{
+    int released = 0;
+    while (PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
+        Py_ssize_t position = 0;
+        PyObject *key, *oldest;
+        PyDict_Next(self->held, &position, &key, &oldest);
+        Py_INCREF(oldest);
+        int failed = reader_release(self, oldest, 0);
+        Py_DECREF(oldest);
+        if (failed < 0)
+            return -1;
+        released = 1;
+    }
+    return released;
 }
 
 static uint64_t clock_ns(clockid_t clock)
@@ -655,16 +675,8 @@ static PyObject *reader_take_once(ReaderPath *self, long mode, uint64_t last, lo
     if (mode == MODE_LIVE) {
         if ((long long)newest == seen)
             Py_RETURN_NONE; /* nothing newer: the frame held, checked for liveness */
-        while (PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
-            Py_ssize_t position = 0;
-            PyObject *key, *oldest;
-            PyDict_Next(self->held, &position, &key, &oldest);
-            Py_INCREF(oldest);
-            int failed = reader_release(self, oldest, 0); /* the figures written below say it */
-            Py_DECREF(oldest);
-            if (failed < 0)
-                return NULL;
-        }
+        if (reader_release_beyond(self, hold) < 0) /* the figures written with the lease say it */
+            return NULL;
     } else {
         if (newest <= last) {
             *outcome = TAKE_NOTHING_NEW;
@@ -709,16 +721,11 @@ static PyObject *ReaderPath_take(ReaderPath *self, PyObject *const *args, Py_ssi
         return NULL;
     /* Before looking: asking for the next frame gives the oldest held one back now (the producer
      * gets its slot back a frame period sooner), and the figures go out before any wait. */
-    while (mode != MODE_LIVE && PyDict_GET_SIZE(self->held) >= hold && PyDict_GET_SIZE(self->held) > 0) {
-        Py_ssize_t position = 0;
-        PyObject *key, *oldest;
-        PyDict_Next(self->held, &position, &key, &oldest);
-        Py_INCREF(oldest);
-        int failed = reader_release(self, oldest, 0);
-        Py_DECREF(oldest);
-        if (failed < 0)
+    if (mode != MODE_LIVE) {
+        int released = reader_release_beyond(self, hold);
+        if (released < 0)
             return NULL;
-        progress_due = 1;
+        progress_due |= released;
     }
     if (progress_due) {
         reader_write_figures(self, (uint64_t)last, mode == MODE_ORDERED ? (uint64_t)last : 0, (uint64_t)frames, (uint64_t)dropped);
@@ -822,7 +829,7 @@ PyDoc_STRVAR(reader_close_doc, "close()\n\nLet go of the control area and the de
 
 static PyObject *ReaderPath_close(ReaderPath *self, PyObject *unused)
 {
-    reader_close(self);
+    let_go(&self->control, &self->base, &self->fd);
     ReaderPath_clear(self);
     Py_RETURN_NONE;
 }
@@ -895,18 +902,10 @@ static int ProducerPath_traverse(ProducerPath *self, visitproc visit, void *arg)
     return 0;
 }
 
-static void producer_close(ProducerPath *self)
-{
-    if (self->control.obj != NULL)
-        PyBuffer_Release(&self->control);
-    self->base = NULL;
-    self->fd = -1;
-}
-
 static void ProducerPath_dealloc(ProducerPath *self)
 {
     PyObject_GC_UnTrack(self);
-    producer_close(self);
+    let_go(&self->control, &self->base, &self->fd);
     ProducerPath_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1162,7 +1161,7 @@ PyDoc_STRVAR(producer_close_doc, "close()\n\nLet go of the control area and the 
 
 static PyObject *ProducerPath_close(ProducerPath *self, PyObject *unused)
 {
-    producer_close(self);
+    let_go(&self->control, &self->base, &self->fd);
     ProducerPath_clear(self);
     Py_RETURN_NONE;
 }

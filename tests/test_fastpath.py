@@ -54,6 +54,15 @@ def _use_path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
         monkeypatch.delenv(_fast.PURE_VARIABLE, raising=False)
 
 
+@pytest.fixture(params=PATHS)
+def frame_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test's Publishers and Readers on each frame path in turn."""
+    if request.param == "compiled":
+        _require_compiled()
+    _use_path(monkeypatch, request.param)
+    return request.param
+
+
 def _worker(env, path: str, role: str, stream: str, *args: str):
     return env.spawn([*env.worker_argv(role, stream), *args], label=f"{path} worker {role}", env=_path_env(path))
 
@@ -78,14 +87,10 @@ def test_the_extension_is_built_for_this_ring_layout():
     assert _fast._layout_mismatches(stale) == ["WAKE_OFFSET"]
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_each_attachment_runs_the_path_chosen_when_it_attaches(env, monkeypatch, path):
-    if path == "compiled":
-        _require_compiled()
-    _use_path(monkeypatch, path)
+def test_each_attachment_runs_the_path_chosen_when_it_attaches(env, frame_path):
     name = env.name()
     with fb.Publisher(name, shape=(48, 64, 3), slots=4) as pub, fb.Reader(name, name="chosen") as cam:
-        compiled = path == "compiled"
+        compiled = frame_path == "compiled"
         assert (pub._fast is not None) is compiled
         assert (cam._attachment.fast is not None) is compiled
         assert bool(cam._attachment.wake_flags & FLAG_FUTEX) is (compiled and _fast.readers_use_futex())
@@ -151,11 +156,7 @@ def test_the_compiled_path_keeps_the_protocols_order_and_names_its_barriers():
         assert words in (_ring.__doc__ or ""), words
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_a_live_reader_writes_the_same_figures_for_status_on_either_path(env, monkeypatch, path):
-    if path == "compiled":
-        _require_compiled()
-    _use_path(monkeypatch, path)
+def test_a_live_reader_writes_the_same_figures_for_status_on_either_path(env, frame_path):
     name = env.name()
     with fb.Publisher(name, shape=(48, 64, 3), slots=5) as pub, fb.Reader(name, name="figures", hold=2) as cam:
         cam.triggers()  # sets FLAG_TRIGGERS: the figures must leave the entry's flags alone
