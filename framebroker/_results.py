@@ -28,13 +28,15 @@ under the same name, as a stream does when its frames grow, and readers follow b
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
+import json.encoder
+import json.scanner
 import os
 import struct
 import time
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Deque, Dict, Iterator, List, Optional, Union
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -64,6 +66,8 @@ from ._layout import (
     validate_stream_name,
 )
 from ._lifecycle import Lifecycle
+from ._locks import _F_OFD_SETLK as _SETLK
+from ._locks import _flock as _flock_arg
 from ._publisher import Publisher
 from ._reader import Reader
 from ._segment import Segment, open_segment
@@ -82,10 +86,12 @@ _LATENCY_WINDOW = 512  # results the writer's p50/p99 latency in status is taken
 
 _unpack_meta = META.unpack_from
 _unpack_head = HEAD.unpack_from
+_unpack_record = RECORD.unpack_from
+_unpack_map = MAP_ENTRY.unpack_from
+_fcntl = fcntl.fcntl
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """One model's result for one frame.
 
     ``seq``, ``timestamp_ns`` and ``wall_time`` are the frame's (its capture time); ``published_ns``
@@ -94,7 +100,8 @@ class Result:
     ``{"objects": [{"box": [x, y, w, h], "label": str, "score": float, "id": int}]}`` in pixels of
     the frame they were computed on. ``dropped`` counts this model's results the reader missed
     just before this one (iteration only; results are dropped when a reader falls more than the
-    ring's length behind). ``number`` counts the writer's results from 1.
+    ring's length behind). ``number`` counts the writer's results from 1. A Result is immutable
+    (a named tuple: made by one C call on the read path).
     """
 
     stream: str
@@ -118,6 +125,9 @@ class Result:
         return objects if isinstance(objects, list) else []
 
 
+_new_result = tuple.__new__  # Result(...) without a Python-level __new__: the read path is short
+
+
 def _json_default(value: Any) -> Any:
     # What models hand over most: numpy scalars and arrays (boxes, scores).
     if isinstance(value, np.generic):
@@ -127,20 +137,40 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+# The C encoder and scanner behind json.dumps/json.loads, called directly: the Python layers
+# around them cost more than the work on a cold cache (a model publishes once per frame).
+_c_encode = (
+    json.encoder.c_make_encoder(None, _json_default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+_c_scan = json.scanner.c_make_scanner(json.JSONDecoder()) if json.scanner.c_make_scanner is not None else None
+
+
 def encode_result(data: object) -> bytes:
     """``data`` as compact JSON; TypeError/ValueError naming what is wrong."""
     if not isinstance(data, dict):
         raise TypeError(f"a result is a dict (JSON object), not {type(data).__name__}")
     try:
-        payload = json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default).encode("utf-8")
+        if _c_encode is not None:
+            payload = "".join(_c_encode(data, 0)).encode("utf-8")
+        else:
+            payload = json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"result data must be JSON-serialisable (numbers finite): {exc}") from None
+    except RecursionError:
+        raise ValueError("result data must be JSON-serialisable: it refers to itself") from None
     if len(payload) > MAX_RESULT_BYTES:
         raise ValueError(
             f"result too large: {len(payload)} bytes encoded, at most {MAX_RESULT_BYTES} (64 KiB); "
             "publish less (boxes, not masks), or keep large data elsewhere and publish where it is"
         )
     return payload
+
+
+def _decode(raw: bytes) -> Dict[str, Any]:
+    text = raw.decode("utf-8")
+    return _c_scan(text, 0)[0] if _c_scan is not None else json.loads(text)  # type: ignore[no-any-return]
 
 
 class _StreamWatch:
@@ -408,11 +438,17 @@ class _RecordReader(Reader):
         return moved
 
     def _lease(self, attachment: Attachment, slot: int, target: int, mode: int) -> Optional[Result]:  # type: ignore[override]
-        """Copy the record of frame ``target`` out of ``slot`` under a lease, then let it go."""
+        """Copy the record of frame ``target`` out of ``slot`` under a lease, then let it go.
+
+        The lock calls go straight to fcntl with the argument prepared for the slot (see
+        ByteLocks): this is the whole read path of a result, run cold once per frame.
+        """
         if slot >= attachment.slot_count:
             return None
-        locks = attachment.locks
-        if not locks.try_shared(LOCK_SLOT_BASE + slot):
+        fd, lock, unlock = attachment.segment.fd, self._share_args[slot], self._unlock_args[slot]
+        try:
+            _fcntl(fd, _SETLK, lock)
+        except BlockingIOError:
             return None
         try:
             seq, timestamp_ns, wall, _h, _w, _c, _fmt, used = _unpack_meta(attachment.control, attachment.layout.meta(slot))  # type: ignore[arg-type]
@@ -421,9 +457,9 @@ class _RecordReader(Reader):
             start = attachment.layout.slot_data(slot)
             raw = attachment.data[start : start + used]  # type: ignore[index]
         finally:
-            locks.unlock(LOCK_SLOT_BASE + slot)
-        number, published_ns, _epoch, length = RECORD.unpack_from(raw)
-        data = json.loads(raw[RECORD.size : RECORD.size + length])
+            _fcntl(fd, _SETLK, unlock)
+        number, published_ns, _epoch, length = _unpack_record(raw)
+        data = _decode(raw[RECORD.size : RECORD.size + length])
         dropped = 0
         if mode == ReaderMode.ORDERED:
             # Only iteration moves the cursor: get() and latest() look, wherever they look.
@@ -434,7 +470,14 @@ class _RecordReader(Reader):
             self._last_seq = seq
         self._frames += 1
         self._progress_due = True
-        return Result(self._display_stream, self.model, seq, timestamp_ns, wall, published_ns, data, number, dropped)
+        return _new_result(Result, (self._display_stream, self.model, seq, timestamp_ns, wall, published_ns, data, number, dropped))
+
+    def _attach(self) -> Attachment:
+        attachment = super()._attach()
+        slots = range(attachment.slot_count)
+        self._share_args = [_flock_arg(fcntl.F_RDLCK, LOCK_SLOT_BASE + k) for k in slots]
+        self._unlock_args = [_flock_arg(fcntl.F_UNLCK, LOCK_SLOT_BASE + k) for k in slots]
+        return attachment
 
     def stream_epoch(self, attachment: Attachment) -> int:
         """The epoch of the daemon whose frames this results ring is about."""
@@ -451,40 +494,34 @@ class _RecordReader(Reader):
 
     def find(self, seq: int, timeout: Optional[float], frame_epoch: int) -> Optional[Result]:
         """``get``: the result of frame ``seq``, None if the model skipped it (see ResultReader)."""
-        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
+        attachment = self._current()
         if self._mode != ReaderMode.LIVE:
             self._mode = ReaderMode.LIVE
-            self._current().set_mode(ReaderMode.LIVE)
+            attachment.set_mode(ReaderMode.LIVE)
+        deadline = None
         while True:
-            attachment = self._current()
-            if self._progress_due:
-                self._write_progress(attachment)
             newest, _slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
             if state == StreamState.REPLACED:
                 self._orphaned = True
                 self._reattach()
+                attachment = self._current()
                 continue
             ring_epoch = self.stream_epoch(attachment) if frame_epoch else 0
             current = not frame_epoch or not ring_epoch or ring_epoch == frame_epoch
             if current and newest >= seq and not self._orphaned:
-                layout = attachment.layout
-                (slot,) = MAP_ENTRY.unpack_from(attachment.control, layout.map_entry(seq))  # type: ignore[arg-type]
+                # The common case first, in few steps: the map names the slot, the lease checks it.
+                (slot,) = _unpack_map(attachment.control, attachment.layout.map_entry(seq))  # type: ignore[arg-type]
                 found = self._lease(attachment, slot, seq, ReaderMode.LIVE)
                 if found is not None:
                     return found
-                seqs = [_unpack_meta(attachment.control, layout.meta(k))[0] for k in range(layout.slot_count)]  # type: ignore[arg-type]
-                if seq in seqs:
-                    found = self._lease(attachment, seqs.index(seq), seq, ReaderMode.LIVE)
-                    if found is not None:
-                        return found
-                    continue  # being rewritten this very moment: look again (it is then gone)
-                kept = [s for s in seqs if s]
-                if kept and seq < min(kept):
-                    raise ResultExpired(
-                        f"the result of frame {seq} is no longer kept by model {self.model!r} of stream "
-                        f"{self._display_stream!r} (it keeps {len(kept)}, from frame {min(kept)}): ask sooner, or iterate"
-                    )
-                return None  # the model published a later frame's result and none for this one
+                found = self._search(attachment, seq)
+                if found is not False:
+                    return found  # type: ignore[return-value]
+                continue  # being rewritten this very moment: look again (it is then gone)
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + check_timeout(timeout)
+            if self._progress_due:
+                self._write_progress(attachment)  # figures for status: before waiting, not after
             try:
                 self._wait(attachment, deadline)
             except FrameTimeout:
@@ -492,6 +529,22 @@ class _RecordReader(Reader):
                     f"no result yet for frame {seq} from model {self.model!r} of stream {self._display_stream!r} "
                     f"(its newest is for frame {newest if current else 'of an earlier daemon'})"
                 ) from None
+            attachment = self._current()
+
+    def _search(self, attachment: Attachment, seq: int) -> "Union[Optional[Result], bool]":
+        """The map did not lead to frame ``seq``'s record: look at every slot. The result, None if
+        the model skipped the frame, False to look again; ResultExpired if it is no longer kept."""
+        layout = attachment.layout
+        seqs = [_unpack_meta(attachment.control, layout.meta(k))[0] for k in range(layout.slot_count)]  # type: ignore[arg-type]
+        if seq in seqs:
+            return self._lease(attachment, seqs.index(seq), seq, ReaderMode.LIVE) or False
+        kept = [s for s in seqs if s]
+        if kept and seq < min(kept):
+            raise ResultExpired(
+                f"the result of frame {seq} is no longer kept by model {self.model!r} of stream "
+                f"{self._display_stream!r} (it keeps {len(kept)}, from frame {min(kept)}): ask sooner, or iterate"
+            )
+        return None  # the model published a later frame's result and none for this one
 
 
 class ResultReader:

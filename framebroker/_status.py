@@ -54,6 +54,18 @@ def _json_text(raw: str) -> Any:
         return {"text": raw}
 
 
+def _read_extra(control: Any) -> Any:
+    """The producer's JSON (EXTRA) field. The producer rewrites it in place now and then, so a
+    read may catch half a rewrite: read until two reads agree."""
+    raw = bytes(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])
+    for _ in range(5):
+        again = bytes(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])
+        if again == raw:
+            break
+        raw = again
+    return _json_text(decode_text(raw))
+
+
 def describe_readers(segment: Segment) -> list[dict[str, Any]]:
     """Every live reader of an opened, mapped segment (dead and closed ones are not shown)."""
     control = segment.control
@@ -100,7 +112,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     layout = segment.layout
     newest, _slot, state, last_mono_ns, last_wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     published = newest  # every published frame gets the next seq
-    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
+    info = _read_extra(control)
     fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
     configured_fps, measured_fps, source_drops, publisher_drops, reconnects, source_errors = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
     (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
@@ -185,7 +197,7 @@ def _describe_model(segment: Segment, model: str, stream_seq: int, stream_epoch:
     assert control is not None
     newest, _slot, state, last_mono_ns, _wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     measured = COUNTERS.unpack_from(control, COUNTERS_OFFSET)[1]
-    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
+    info = _read_extra(control)
     alive = segment.owner_alive()
     now_mono = time.monotonic_ns()
     age = (now_mono - last_mono_ns) / 1e9 if last_mono_ns else None
