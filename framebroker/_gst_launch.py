@@ -17,9 +17,8 @@ Debian 12). Like gst-launch-1.0, the pipeline runs until end of stream (exit 0) 
 sources are sent end of stream, what is in flight flows out, and the pipeline is taken down in
 order once the end reaches the sinks (exit 0). That is how a camera is let go of cleanly
 (Jetson's nvarguscamerasrc wants end of stream to close its Argus session) and how a muxer in
-the pipeline gets to write its index.
-SIGTERM ends it at once. ``--has-element NAME`` exits 0 if this machine's GStreamer has the
-element, 1 if not.
+the pipeline gets to write its index. SIGTERM ends it at once. ``--has-element NAME`` exits 0
+if this machine's GStreamer has the element, 1 if not.
 """
 
 from __future__ import annotations

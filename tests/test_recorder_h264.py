@@ -22,7 +22,7 @@ av = pytest.importorskip("av")
 from framebroker_clients.recorder import outputs, selection  # noqa: E402
 from framebroker_clients.recorder.encoders import ENCODERS, EncoderSettings, EncoderSpec, PyAVEncoder, _x264_options  # noqa: E402
 from framebroker_clients.recorder.h264 import PPS, SPS, ParameterSets, nal_type, nal_units  # noqa: E402
-from framebroker_clients.recorder.packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo  # noqa: E402
+from framebroker_clients.recorder.packets import FrameStamp, PacketRouter, StreamInfo  # noqa: E402
 
 
 def ffprobe_stream(path: Path) -> dict:

@@ -12,10 +12,10 @@ Two kinds, one interface (``Encoder``):
   ``fdsrc ! rawvideoparse ! [hardware upload] ! <encoder> ! h264parse ! byte-stream/au ! fdsink``.
   This is the only way to Jetson's encoders (``nvv4l2h264enc``, older ``omxh264enc``, both fed
   NV12/I420 in NVMM memory by ``nvvidconv``) and it reaches VAAPI (``vah264enc``,
-  ``vah264lpenc``, ``vaapih264enc``) and V4L2 (``v4l2h264enc``) too. A pipe carries no timestamps: the encoder
-  keeps a FIFO of the frames it wrote and gives them, in order, to the access units coming back,
-  which FFmpeg's H.264 parser splits out of the byte stream. That needs one access unit per frame
-  in input order, so every pipeline here disables B-frames. ``x264enc`` (software) runs the same
+  ``vah264lpenc``, ``vaapih264enc``) and V4L2 (``v4l2h264enc``) too. A pipe carries no
+  timestamps: the encoder keeps a FIFO of the frames it wrote and gives them, in order, to the
+  access units coming back, which FFmpeg's H.264 parser splits out of the byte stream. That needs
+  one access unit per frame in input order, so every pipeline here disables B-frames. ``x264enc`` (software) runs the same
   plumbing where no hardware exists, which is how the tests prove it.
 
 The PyAV wheel's FFmpeg has no ``h264_vaapi`` (and feeding it needs VAAPI surfaces, which PyAV's
@@ -58,7 +58,7 @@ X264_TUNE = "zerolatency"
 
 Deliver = Callable[[EncodedPacket], None]
 
-_RAW_FORMATS = {"bgr": ("bgr24", "bgr", 3), "rgb": ("rgb24", "rgb", 3), "gray": ("gray", "gray8", 1)}
+_PYAV_FORMATS = {"bgr": "bgr24", "rgb": "rgb24", "gray": "gray"}  # our pixel formats in FFmpeg's names
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class EncoderSettings:
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
             raise ValueError(f"H.264 needs an even, positive frame size, got {self.width}x{self.height}")
-        if self.pixel_format not in _RAW_FORMATS:
+        if self.pixel_format not in _PYAV_FORMATS:
             raise ValueError(f"unknown pixel format {self.pixel_format!r}: use bgr, rgb or gray")
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
@@ -240,7 +240,7 @@ class PyAVEncoder(Encoder):
             av.logging.set_level(previous)
         self._context = context
         self._av = av
-        self._raw_format = _RAW_FORMATS[settings.pixel_format][0]
+        self._raw_format = _PYAV_FORMATS[settings.pixel_format]
 
     def _encode(self, image: np.ndarray, stamp: FrameStamp, keyframe: bool) -> None:
         av = self._av
@@ -373,7 +373,7 @@ def h264_level(width: int, height: int, fps: float, bitrate_kbps: int) -> str:
     columns, rows = -(-width // 16), -(-height // 16)
     frame = columns * rows
     for level, max_frame, max_rate, max_kbps in H264_LEVELS:
-        # A side may be at most sqrt(8 * MaxFS) macroblocks (Table A-1, note).
+        # Neither side may exceed sqrt(8 * MaxFS) macroblocks (A.3.1).
         fits = frame <= max_frame and max(columns, rows) ** 2 <= 8 * max_frame
         if fits and frame * fps <= max_rate and bitrate_kbps <= max_kbps:
             return level
@@ -398,20 +398,18 @@ class RawFeed:
         self._to_i420 = {"bgr": cv2.COLOR_BGR2YUV_I420, "rgb": cv2.COLOR_RGB2YUV_I420}.get(settings.pixel_format)
         if settings.pixel_format == "gray" and gray8:
             self.gst_format, self.strides, self.offsets = "gray8", (width,), (0,)
+            self.frame_bytes = width * height
             self._frame: Optional[np.ndarray] = None
             return
         chroma = (width // 2) * (height // 2)
         self.gst_format = "i420"
         self.strides = (width, width // 2, width // 2)
         self.offsets = (0, width * height, width * height + chroma)
+        self.frame_bytes = width * height + 2 * chroma
         self._frame = np.empty((height * 3 // 2, width), np.uint8)
         self._frame[height:] = 128  # neutral chroma, for gray frames (colour ones overwrite it)
         # Full-range gray 0..255 to limited-range luma 16..235.
         self._luma = np.round(16 + np.arange(256) * (219 / 255)).astype(np.uint8)
-
-    @property
-    def frame_bytes(self) -> int:
-        return self.offsets[-1] + self.strides[-1] * (self._height // 2 if len(self.strides) > 1 else self._height)
 
     def caps(self) -> list[str]:
         """Caps to set after rawvideoparse (its colorimetry property is GStreamer 1.18+ only)."""

@@ -133,7 +133,8 @@ class GstPipeSource(Source):
         pixel_bytes = BYTES_PER_PIXEL.get(str(caps.get("format")))
         if pixel_bytes is None:
             self.close()
-            raise SourceError(f"{self.description}: pipeline negotiated format {caps.get('format')}, not one of {SINK_FORMATS[self.pixel_format]}")
+            wanted = " or ".join(SINK_FORMATS[self.pixel_format])
+            raise SourceError(f"{self.description}: pipeline negotiated format {caps.get('format')}, not {wanted}")
         self.shape = self._shape_for(height, width)
         self.fps = float(caps.get("framerate") or self.requested_fps or 0.0)
         # GStreamer pads every row of packed RGB/BGR/GRAY8 to a multiple of 4 bytes.
@@ -195,8 +196,8 @@ class GstPipeSource(Source):
         if self._pixel_bytes == 4:
             import cv2  # heavy: imported where used
 
-            # OpenCV drops the 4th byte at memory speed (0.7 ms at 1080p here), numpy's strided
-            # copy takes 30 times as long (bench/gst_feed.py). BGRA2BGR means RGBA2RGB too.
+            # OpenCV drops the 4th byte at memory speed (0.8 ms at 1080p here), numpy's strided
+            # copy takes almost 30 times as long (bench/gst_feed.py). BGRA2BGR is RGBA2RGB too.
             cv2.cvtColor(pixels.reshape(height, width, 4), cv2.COLOR_BGRA2BGR, dst=out)
         else:
             np.copyto(out.reshape(height, -1), pixels)
