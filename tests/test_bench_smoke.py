@@ -125,3 +125,18 @@ def test_quick_compare_reports_every_transport(tmp_path):
     leftovers = [entry for entry in os.listdir("/dev/shm") if document["run_id"] in entry]
     leftovers += [entry for entry in os.listdir("/tmp") if entry.startswith("fbbench-") and document["run_id"] in entry]
     assert not leftovers, f"compare.py left shared objects behind: {leftovers}"
+
+
+def test_quick_gst_feed_measures_every_way(tmp_path):
+    """bench/gst_feed.py runs each way of feeding a GStreamer encoder; I420 halves the pipe."""
+    from test_sources import require_gstreamer
+
+    require_gstreamer()
+    out = tmp_path / "feed.json"
+    result = subprocess.run([sys.executable, str(BENCH / "gst_feed.py"), "--quick", "--output", str(out)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    size = json.loads(out.read_text())["sizes"]["240p"]
+    ways = size["ms_per_frame"]
+    assert set(ways) == {"bgr>bgrx", "bgr>i420", "i420", "bgr>i420>x264enc", "i420>x264enc", "bgrx", "bgrx>bgr"}
+    assert ways["i420"]["pipe_bytes"] * 2 == ways["bgr>i420"]["pipe_bytes"] == 320 * 240 * 3
+    assert all(figures["total_ms"] > 0 for figures in ways.values()) and len(size["ratios"]) == 4

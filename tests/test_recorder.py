@@ -126,7 +126,7 @@ def test_five_second_recording_is_h264_in_mpegts_of_the_right_length(env, tmp_pa
     # While it records, status shows the encoder and what it has written.
     entry = wait_until(lambda: (e := recorder_entry(name)) and e["info"].get("written", 0) > 0 and e, 30, "the recorder's status")
     assert entry["info"]["encoder"] == "libx264" and entry["mode"] == "ordered"
-    assert entry["info"]["fallback"] == "no hardware encoder works (7 tried)"
+    assert entry["info"]["fallback"] == "no hardware encoder works (8 tried)"
     table = env.run_cli("status", name).stdout
     assert "encoder=libx264" in table and "dropped_ring=" in table and "fallback=no hardware encoder works" in table
     assert recorder.wait(timeout=60) == 0, recorder.output()

@@ -9,6 +9,7 @@ The package, one job per module:
 
 * ``packets``: ``EncodedPacket`` and the ``PacketRouter`` every packet passes through.
 * ``encoders``: FFmpeg (PyAV) and GStreamer encoders, the registry and ``auto`` order.
+* ``h264``: NAL units of the byte stream; SPS/PPS in front of every keyframe.
 * ``selection``: choosing the encoder by a test encode.
 * ``lifecycle``: the start/stop states encoders and outputs share.
 * ``outputs``: a .ts, .mp4 or .mkv file, segmented .ts files with sidecar indexes, UDP, SRT.

@@ -2,6 +2,9 @@
 
 Runs under Debian's own python3 with python3-gi (PyGObject does not build from PyPI there):
     /usr/bin/python3 tests/servers/rtsp_server.py PORT [--user U --password P] [--width W --height H]
+        [--codec h264|h265] [--audio-first]
+``--audio-first`` announces an audio stream (a tone, 8 kHz A-law) as the first stream of the
+description, before the video, as many IP cameras do. ``--codec h265`` serves H.265 video.
 ``--user-env NAME`` and ``--password-env NAME`` take them from environment variables instead, off
 the command line (for the test that looks at every process's command line). Prints
 "ready rtsp://127.0.0.1:PORT/test" when it listens; SIGTERM stops it.
@@ -29,6 +32,8 @@ def main():
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--fps", type=int, default=15)
+    parser.add_argument("--codec", choices=("h264", "h265"), default="h264")
+    parser.add_argument("--audio-first", action="store_true")
     args = parser.parse_args()
     if args.user_env:
         args.user = os.environ[args.user_env]
@@ -39,11 +44,22 @@ def main():
     server.set_address("127.0.0.1")
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(
-        f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
-        f"framerate={args.fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
-        "! rtph264pay name=pay0 pt=96 )"
+    # Streams are announced in the order of their payloaders' names: pay0 first.
+    video, audio = ("pay1", "pay0") if args.audio_first else ("pay0", "pay1")
+    encoder = {
+        "h264": f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} ! rtph264pay",
+        "h265": f"x265enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} ! rtph265pay",
+    }[args.codec]
+    launch = (
+        f"videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
+        f"framerate={args.fps}/1 ! {encoder} name={video} pt=96"
     )
+    if args.audio_first:
+        launch += (
+            " audiotestsrc is-live=true wave=sine samplesperbuffer=160 ! audio/x-raw,rate=8000,channels=1"
+            f" ! alawenc ! rtppcmapay name={audio} pt=8"
+        )
+    factory.set_launch(f"( {launch} )")
     factory.set_shared(True)
     if args.user:
         auth = GstRtspServer.RTSPAuth()
