@@ -41,7 +41,7 @@ from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Union
 import numpy as np
 
 from ._attachment import Attachment
-from ._errors import FrameTimeout, ModelNotFound, ResultExpired, StreamBusy, StreamNotFound
+from ._errors import ClosedError, FrameTimeout, ModelNotFound, ResultExpired, StreamBusy, StreamNotFound
 from ._frame import Frame, check_timeout
 from ._layout import (
     EXTRA_OFFSET,
@@ -335,8 +335,6 @@ class ResultWriter:
         """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq)."""
         ring = self._ring
         if ring is None or self._state is not Lifecycle.OPEN:
-            from ._errors import ClosedError
-
             raise ClosedError(f"ResultWriter of model {self._model!r} on stream {self._stream!r} is closed")
         payload = encode_result(data)
         if isinstance(frame, Frame):
@@ -588,8 +586,6 @@ class ResultReader:
     def _records(self) -> _RecordReader:
         reader = self._reader
         if reader is None:
-            from ._errors import ClosedError
-
             raise ClosedError(f"ResultReader of model {self._model!r} on stream {self._stream!r} is closed")
         return reader
 
