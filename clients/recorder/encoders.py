@@ -364,6 +364,21 @@ def _gst_v4l2h264enc(s: EncoderSettings) -> list[str]:
     ]  # fmt: skip
 
 
+def holds_idr_slice(access_unit: bytes) -> bool:
+    """Whether an H.264 access unit in Annex B form holds an IDR slice (NAL unit type 5).
+
+    PyAV's parser flags keyframes only from PyAV 18 on; earlier releases (12, the last for
+    Python 3.8 on JetPack 5, and 13 to 17) leave every parsed unit unflagged. A start code cannot
+    occur inside a NAL unit (emulation prevention), so every match below starts a NAL unit.
+    """
+    start = access_unit.find(b"\x00\x00\x01")
+    while 0 <= start < len(access_unit) - 3:
+        if access_unit[start + 3] & 0x1F == 5:
+            return True
+        start = access_unit.find(b"\x00\x00\x01", start + 3)
+    return False
+
+
 def gst_pipeline(encoder_elements: list[str], settings: EncoderSettings, out_fd: int) -> list[str]:
     """The gst-launch-1.0 arguments: raw frames on stdin, H.264 access units on ``out_fd``."""
     _, gst_format, channels = _RAW_FORMATS[settings.pixel_format]
@@ -489,7 +504,8 @@ class GStreamerEncoder(Encoder):
             self.unmatched += 1
             log.error("%s returned an access unit with no frame waiting for it; dropped it", self.name)
             return
-        self._emit(EncodedPacket(bytes(unit), stamp.pts, stamp.pts, bool(unit.is_keyframe), (stamp,)))
+        data = bytes(unit)
+        self._emit(EncodedPacket(data, stamp.pts, stamp.pts, bool(unit.is_keyframe) or holds_idr_slice(data), (stamp,)))
 
     def _wait_for_exit(self, timeout: float) -> Optional[int]:
         process = self._process
