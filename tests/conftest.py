@@ -100,6 +100,11 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.pid, signum)
 
+    def finish(self, timeout: float = 30.0) -> dict:
+        """Stop a worker that runs until stopped (SIGTERM) and return its closing ``done`` report."""
+        self.signal(signal.SIGTERM)
+        return self.wait_event("done", timeout=timeout)
+
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """End the process by pid: SIGCONT (in case it is frozen), SIGTERM, then SIGKILL."""
         if self.popen.poll() is None:
