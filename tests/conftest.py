@@ -215,6 +215,17 @@ def env(request: pytest.FixtureRequest):
     environment.teardown()
 
 
+# What a hardware encoder's failure must name on a machine without that hardware: the reason it
+# cannot work there. Where the hardware is present, the encoder must simply work.
+MISSING_NVENC = ("libcuda", "CUDA", "no NVENC capable device", "not in this FFmpeg build")  # no driver, GPU or build
+MISSING_JETSON = ('no element "nvvidconv"', 'no element "nvv4l2h264enc"')  # not a Jetson's GStreamer
+
+
+def works_or_says_why(reason: Optional[str], causes: tuple[str, ...]) -> None:
+    """An encoder probe's outcome: None (it works) or a reason naming one of ``causes``."""
+    assert reason is None or any(cause.lower() in reason.lower() for cause in causes), reason
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
