@@ -208,6 +208,17 @@ class Env:
             raise AssertionError(f"{self.test} left objects in /dev/shm: {leaked}")
 
 
+# Tests that take a minute or more, or a browser (markers registered in pyproject.toml): each
+# is also marked "slow", so `pytest -m "not slow"` is the quick run.
+SLOW_KINDS = ("soak", "chaos", "bench", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def env(request: pytest.FixtureRequest):
     environment = Env(request)

@@ -79,6 +79,7 @@ def test_tear_check_sees_torn_and_changed_frames():
     assert check.read(held) != first
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(600)
 def test_quick_compare_reports_every_transport(tmp_path):
     missing = [name for name, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]

@@ -7,11 +7,15 @@ import random
 import signal
 import time
 
+import pytest
+
 import framebroker as fb
 from framebroker import testpattern
 from framebroker._status import describe_stream
 
 from conftest import ffmpeg_decode, wait_until
+
+pytestmark = pytest.mark.chaos
 
 FPS = 30
 SLOTS = 12
