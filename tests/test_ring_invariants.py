@@ -113,6 +113,12 @@ def _rate(producer, seconds: float) -> float:
     return (progress[-1]["published"] - progress[0]["published"]) / (progress[-1]["t"] - progress[0]["t"])
 
 
+def _checked(verifier) -> int:
+    """How many frames a verify worker has checked, from its latest progress report."""
+    progress = [e for e in verifier.events if e.get("event") == "progress"]
+    return progress[-1]["checked"] if progress else 0
+
+
 def test_reader_frozen_while_holding_does_not_slow_the_producer(env):
     name = env.name()
     producer = env.worker("produce", name, "--fps", "200", "--slots", "5")
@@ -123,11 +129,15 @@ def test_reader_frozen_while_holding_does_not_slow_the_producer(env):
     other.wait_event("ready")
     before = _rate(producer, 1.5)
     holder.signal(signal.SIGSTOP)
+    checked_at_freeze = _checked(other)
     during = _rate(producer, 2.5)
+    checked_while_frozen = _checked(other) - checked_at_freeze
     holder.signal(signal.SIGCONT)
     assert during >= 0.85 * before, (before, during)
     result = other.finish()
-    assert result["checked"] > 500 and result["bad"] == 0, result
+    # The other reader went on reading meanwhile (20 fps at the least, on a busy machine).
+    assert checked_while_frozen >= 50 and result["bad"] == 0, (checked_while_frozen, result)
+
 
 
 def test_reader_frozen_at_random_instants_never_blocks_the_producer(env):

@@ -5,8 +5,9 @@ line on stdout (``{"event": ...}``), flushing each, so a test can follow it and 
 rather than on timing.
 
 ``--seconds S`` bounds a worker's run; 0 (the default) runs it until the test stops it with
-SIGTERM (``Proc.finish``), after which it reports ``done`` like a worker whose time is up. Tests
-end workers when they have seen what they wait for, never by a lifetime fixed in advance.
+SIGTERM. Tests end workers when they have seen what they waited for, never by a lifetime fixed in
+advance; ``produce``, ``verify``, ``hold`` and ``idle`` still report ``done`` when stopped
+(``Proc.finish`` in conftest.py stops one and returns that report).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def verify_loop(args: argparse.Namespace) -> int:
                 if not ok:
                     bad += 1
                     first_bad = first_bad or frame.seq
+                if checked % 20 == 0:
+                    emit(event="progress", checked=checked, bad=bad)
         except KeyboardInterrupt:
             pass
         emit(event="done", checked=checked, bad=bad, first_bad=first_bad, dropped=cam.dropped)
