@@ -246,9 +246,12 @@ def cpu_seconds(pid: int) -> float:
 
 def ffmpeg_decode(path: "str | Path", timeout: float = 120) -> subprocess.CompletedProcess:
     """Decode a whole video with ffmpeg, stopping at the first broken frame (-xerror). The timing
-    is passed through: recordings carry capture times (variable rate), not a fixed frame rate."""
+    is passed through: recordings carry capture times (variable rate), not a fixed frame rate.
+    -enc_time_base -1 keeps the file's 1/90000 s: in the 1/fps ffmpeg guesses otherwise, two
+    frames less than a period apart (a daemon catching up under load) round to one timestamp and
+    ffmpeg reports 'non monotonically increasing dts' for a file that is fine."""
     return subprocess.run(
-        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-f", "null", "-"],
+        ["ffmpeg", "-v", "error", "-xerror", "-i", str(path), "-fps_mode", "passthrough", "-enc_time_base", "-1", "-f", "null", "-"],
         capture_output=True,
         text=True,
         timeout=timeout,
