@@ -39,7 +39,7 @@ from ._results import Result, ResultReader, ResultWriter, models
 from ._status import collect as _collect
 from ._trigger import Trigger, TriggerInbox, trigger
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's only version; pyproject.toml reads it from here
 
 
 def status(name: "str | None" = None) -> dict:

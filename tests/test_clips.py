@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -57,7 +58,9 @@ def test_trigger_from_another_process_writes_the_seconds_before_and_after(env, t
     assert [f.seq for f in frames] == sorted(times), "the sidecar index lists exactly the decoded frames"
     trigger_ns = times[seq]
     assert times[frames[0].seq] <= trigger_ns - 3_000_000_000, "starts at least the pre-roll before the trigger's frame"
-    assert times[frames[-1].seq] >= trigger_ns + 2_000_000_000 - PERIOD_NS, "ends the post-roll after it"
+    # The last frame at or before the end: about a period before it, more when capture times
+    # jitter (seen here: 3.5 us short of one period), so half a period of slack.
+    assert times[frames[-1].seq] >= trigger_ns + 2_000_000_000 - 1.5 * PERIOD_NS, "ends the post-roll after it"
     decodes_cleanly(clip)
 
     info = recorder_entry(name)["info"]
@@ -90,7 +93,9 @@ def test_close_triggers_make_one_clip_far_ones_two(env, tmp_path):
         assert fb.trigger(name, "third", seq=1260, timestamp_ns=stamps[1260]) == 1
         publish_until(1500)  # past the last post-roll
         wait_until(lambda: len(clip_files(tmp_path)) == 2, 30, "two clips")
-        time.sleep(0.5)
+        # Stopped (SIGTERM finishes cleanly), the recorder has written every clip it ever will.
+        recorder.signal(signal.SIGTERM)
+        assert recorder.wait(timeout=30) == 0, recorder.output()
         assert len(clip_files(tmp_path)) == 2
 
     first, second = (json.loads(p.read_text()) for p in clip_files(tmp_path))

@@ -184,6 +184,7 @@ def locate_picture(page: np.ndarray) -> tuple[int, int, int]:
     raise AssertionError("no test:// picture shown 1:1 near the page's top left")
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium_shows_the_live_picture_and_the_status(env, tmp_path):
     daemon, name = env.serve("test://", None, "--fps", "15")
     watcher = env.cli("read", name, "--reader-name", "watcher")

@@ -32,7 +32,7 @@ from framebroker._process import framebroker_command
 from framebroker._status import describe_stream
 from framebroker_clients.recorder.encoders import AUTO_ORDER
 
-from conftest import wait_until
+from conftest import MISSING_JETSON, MISSING_NVENC, wait_until, works_or_says_why
 
 av = pytest.importorskip("av")
 
@@ -469,15 +469,19 @@ def test_usage_errors_exit_2(env, args, message):
     assert message in result.stderr
 
 
-def test_a_named_encoder_that_does_not_work_is_a_clear_error(env, tmp_path):
+@pytest.mark.parametrize("encoder, causes", [("h264_nvenc", MISSING_NVENC), ("nvv4l2h264enc", MISSING_JETSON)])
+def test_a_named_hardware_encoder_records_or_says_why_it_cannot(env, tmp_path, encoder, causes):
     daemon, name = env.serve()
-    result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "h264_nvenc")
-    assert result.returncode == 1
-    assert "encoder h264_nvenc (NVIDIA NVENC (FFmpeg)) does not work on this machine" in result.stderr
-    assert "libcuda" in result.stderr and "--encoder auto" in result.stderr
-    result = env.run_cli("record", name, "-o", str(tmp_path / "x.ts"), "--encoder", "nvv4l2h264enc")
-    assert result.returncode == 1
-    assert "nvv4l2h264enc" in result.stderr and "no element" in result.stderr
+    out = tmp_path / "x.ts"
+    result = env.run_cli("record", name, "-o", str(out), "--encoder", encoder, "--duration", "1")
+    if result.returncode == 0:  # the hardware is there
+        assert f"encoder={encoder}" in ffprobe(out)["programs"][0]["tags"]["service_name"]
+        return
+    assert result.returncode == 1, result.stderr
+    verdict = f"encoder {encoder} ("
+    because = "does not work on this machine: "
+    assert verdict in result.stderr and because in result.stderr and "--encoder auto" in result.stderr, result.stderr
+    works_or_says_why(result.stderr.split(because, 1)[1], causes)
 
 
 def test_each_encoders_reason_at_debug_level(env, tmp_path):

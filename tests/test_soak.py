@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.soak
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Bounds for one minute at 30 fps (about 1800 frames): a leak of even one small object per frame

@@ -41,7 +41,7 @@ import numpy as np
 import framebroker as fb
 from framebroker.gstreamer import GstProcess
 
-from .h264 import ParameterSets
+from .h264 import ParameterSets, holds_idr_slice
 from .lifecycle import Lifecycle, State
 from .packets import TIME_BASE, EncodedPacket, FrameStamp
 
@@ -428,6 +428,8 @@ class RawFeed:
 
 def gst_pipeline(encoder_elements: list[str], feed: RawFeed, settings: EncoderSettings, out_fd: int) -> list[str]:
     """The pipeline as gst-launch-1.0 arguments: raw frames on stdin, H.264 access units on ``out_fd``."""
+
+
     rate = settings.frame_rate
     setter = feed.caps()
     return [
@@ -548,7 +550,8 @@ class GStreamerEncoder(Encoder):
             # frame skipping); say so loudly if an element breaks it instead of mislabelling.
             log.error("%s returned an access unit with no frame waiting for it; dropped it", self.name)
             return
-        self._emit(EncodedPacket(bytes(unit), stamp.pts, stamp.pts, bool(unit.is_keyframe), (stamp,)))
+        data = bytes(unit)
+        self._emit(EncodedPacket(data, stamp.pts, stamp.pts, bool(unit.is_keyframe) or holds_idr_slice(data), (stamp,)))
 
     def _failure(self, what: str) -> str:
         process = self._process

@@ -33,6 +33,13 @@ def nal_type(unit: bytes) -> int:
     return unit[0] & 0x1F
 
 
+def holds_idr_slice(access_unit: bytes) -> bool:
+    """Whether an access unit holds an IDR slice: a keyframe. PyAV's H.264 parser flags keyframes
+    only from PyAV 18 on; earlier releases (12, the last for Python 3.8 on JetPack 5, and 13 to
+    17) leave every parsed unit unflagged."""
+    return any(nal_type(unit) == IDR for unit in nal_units(access_unit))
+
+
 class ParameterSets:
     """Keeps the latest SPS and PPS of a stream and puts them in front of every keyframe that
     comes without them. A packet of parameter sets with no picture (the first packet of
