@@ -136,6 +136,7 @@ class Replay:
                 self.source.restart_timing()
         elif self.pace == "lockstep" and not self._wait_until_consumed(publisher):
             raise SourceError("stopping")
+        writer.timestamp_ns = None  # stamped as it is published, after any wait for readers
         self._recorded_seq = 0
         position = self.source.position
         recorded = self.index.find(position.pts_ticks) if self.index is not None and position is not None else None

@@ -152,8 +152,8 @@ class FileSource(Source):
         return frame
 
     def read_into(self, out: np.ndarray) -> Optional[int]:
-        """Decode the next frame into ``out``; in realtime, return once its PTS falls due. The
-        capture time is the moment of publishing (None: the daemon stamps it)."""
+        """Decode the next frame into ``out``; in realtime, return once its PTS falls due. Its
+        capture time is when it is released: now."""
         frame, self._pending = self._pending, None
         if frame is None:
             frame = self._next_frame()
@@ -164,7 +164,7 @@ class FileSource(Source):
         seconds = self._frame_seconds(frame)
         if self.pace == "realtime":
             self._wait_until_due(seconds)
-        return None
+        return time.monotonic_ns()
 
     def _convert(self, frame: Any, out: np.ndarray) -> None:
         height, width = out.shape[:2]
