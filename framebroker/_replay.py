@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Optional
 
 from ._errors import SourceError
 from ._publisher import Publisher, SlotWriter
-from ._results import ResultWriter, encode_result
+from ._results import ResultWriter
 from .sources._file import FilePosition, FileSource
 from .sources._recording import RecordedResults, RecordingIndex, index_path
 
@@ -83,12 +83,6 @@ class Replay:
                     "results refer to, and there is none: record with framebroker record --index (segments and "
                     "clips always have one)"
                 )
-            for seq, entries in self.results.by_seq.items():
-                for model, data in entries:
-                    try:
-                        encode_result(data)
-                    except (TypeError, ValueError) as exc:
-                        raise SourceError(f"{self.results.path}: the result of model {model!r} for frame {seq}: {exc}") from None
         what = [f"pace {self.pace}"]
         if self.index is not None:
             what.append(f"{len(self.index)} frames keep their recorded seq and wall time ({self.index.path})")

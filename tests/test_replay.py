@@ -293,3 +293,28 @@ def test_results_without_a_sidecar_or_an_index_are_refused_at_start(env, clip, t
     (tmp_path / "bare.csv").write_text("seq,pts,pts_time,wall_time,timestamp_ns\n1,0,0.0,oops,0\n")
     done = env.run_cli("serve", str(bare), "--name", env.name())
     assert done.returncode == 1 and "bare.csv, line 2" in done.stderr, done.stderr
+
+
+def test_sidecars_cut_short_by_a_killed_recorder_are_read_up_to_the_cut(tmp_path):
+    from framebroker._errors import SourceError
+    from framebroker.sources._recording import RecordedResults, RecordingIndex
+
+    video = tmp_path / "cam0.ts"
+    index = tmp_path / "cam0.csv"
+    # A number cut short still parses as a number: the unfinished last row is never trusted.
+    index.write_text("seq,pts,pts_time,wall_time,timestamp_ns\r\n7,0,0.000000,100.5,1\r\n8,3003,0.033367,100.53")
+    found = RecordingIndex.beside(str(video))
+    assert found is not None and len(found) == 1 and found.find(40).seq == 7 and found.find(3003) is None
+    index.write_text("frame,time\n1,2\n")  # somebody else's CSV: replayed without it
+    assert RecordingIndex.beside(str(video)) is None
+    results = tmp_path / "cam0.results.jsonl"
+    results.write_text('{"seq": 7, "model": "faces", "data": {"objects": []}}\n{"seq": 8, "mod')
+    assert RecordedResults.find(str(video), "").by_seq == {7: [("faces", {"objects": []})]}
+    for bad, message in [
+        ('{"seq": 7, "model": "faces", "data": {}}\n' * 2, "line 2: a second result of model 'faces' for frame 7"),
+        ('{"seq": 7, "model": "faces", "data": {"mask": "' + "x" * 70_000 + '"}}\n', "line 1: \"data\": result too large"),
+        ('{"seq": 7, "model": "faces"}\n{}\n', "line 1: \"data\""),
+    ]:
+        results.write_text(bad)
+        with pytest.raises(SourceError, match=message):
+            RecordedResults.find(str(video), "")

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._errors import SourceError
 from .._layout import validate_model_name
+from .._results import encode_result
 
 log = logging.getLogger("framebroker.serve")
 
@@ -202,8 +203,10 @@ class RecordedResults:
             validate_model_name(model)
         except (TypeError, ValueError) as exc:
             raise SourceError(f"{where}: {exc}") from None
-        if not isinstance(data, dict):
-            raise SourceError(f"{where}: \"data\" must be a JSON object, got {type(data).__name__}")
+        try:
+            encode_result(data)  # what the results channel takes: a JSON object of at most 64 KiB
+        except (TypeError, ValueError) as exc:
+            raise SourceError(f"{where}: \"data\": {exc}") from None
         return seq, model, data
 
 
