@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = serve.add_argument_group(
         "replaying a file",
         "A file is a stream too, at its own timing or faster; a file framebroker recorded keeps its frames' seq "
-        "and wall time (from the index FILE.csv beside it).",
+        "and wall time (from its index beside it: the same name with .csv).",
     )
     replay.add_argument(
         "--pace",
