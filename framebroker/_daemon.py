@@ -3,7 +3,8 @@
 It runs in the foreground (systemd-friendly), logs to stderr, retries a failing source with
 exponential backoff while ``status`` shows ``reconnecting`` and why, follows a source that
 comes back at another resolution, and on SIGTERM/SIGINT stops cleanly, leaving nothing in
-/dev/shm.
+/dev/shm. A file is replayed (``_replay.py``): at a pace, in lockstep with its readers, with
+the recording's own seqs and results.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from types import FrameType
 from typing import Dict, Optional, Tuple, Union
 
 from ._errors import FrameBrokerError, SourceEnded
-from ._layout import RingLayout
+from ._layout import MAX_SLOTS, RingLayout
 from ._publisher import AUTO_SLOTS, DEFAULT_SLOTS, SHRINK_AFTER, Publisher, check_shape
+from ._replay import Replay
 from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
 from .sources import GeometryChanged, Source, make_source, parse_source
+from .sources._file import FileSource
 
 log = logging.getLogger("framebroker.serve")
 
@@ -45,17 +48,30 @@ class Daemon:
         group: Optional[str] = None,
         max_shm: Optional[int] = None,
         shrink_after: float = SHRINK_AFTER,
+        pace: Optional[str] = None,
+        wait_readers: int = 0,
+        results: Optional[str] = None,
     ) -> None:
+        """``pace``, ``wait_readers`` and ``results`` (a path, or "" for the sidecar next to the
+        file) are for file sources: see ``_replay.py``."""
         self.stop = threading.Event()
         self.spec = parse_source(source_uri)
         self.source: Source = make_source(
-            self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop
+            self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop, pace=pace
         )
         # Everything that can be wrong with the arguments is found here, before anything starts,
         # so the CLI can report it as a usage error (exit 2).
         check_shape(self.source.provisional_shape(), pixel_format)
         RingLayout.compute(DEFAULT_SLOTS if slots == AUTO_SLOTS else slots, 0)  # type: ignore[arg-type]
         resolve_group(group)
+        self.replay: Optional[Replay] = None
+        if isinstance(self.source, FileSource):
+            most = (MAX_SLOTS if slots == AUTO_SLOTS else slots) - 2  # type: ignore[operator]
+            if not 0 <= wait_readers <= most:
+                raise ValueError(f"--wait-readers {wait_readers}: with --slots {slots} at most {most} readers can attach")
+            self.replay = Replay(self.source, self.stop, wait_readers=wait_readers, results=results)
+        elif wait_readers or results is not None:
+            raise ValueError(f"--wait-readers and --results are for files; {self.spec.display} is a live source")
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots
@@ -77,6 +93,9 @@ class Daemon:
     def run(self) -> int:
         """Serve until stopped (0), until a finite source ends (0); errors at start raise."""
         source = self.source
+        replay = self.replay
+        if replay is not None:
+            replay.load()  # a damaged index or results file is reported before anything is served
         self.publisher = Publisher(
             self.name,
             source.provisional_shape(),
@@ -98,8 +117,12 @@ class Daemon:
             f"group {self.group}, mode 0660" if self.group else "private, mode 0600",
         )
         try:
+            if replay is not None:
+                replay.start(publisher)
             return self._loop(publisher)
         finally:
+            if replay is not None:
+                replay.close()
             self._close_source()
             publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
@@ -136,6 +159,8 @@ class Daemon:
                 self._pump(publisher)
             except SourceEnded as exc:
                 log.info("source ended: %s", exc)
+                if self.replay is not None and not self.replay.drain(publisher):
+                    break  # stopped while the last frame waited for its readers
                 publisher.set_state("ended", str(exc))
                 return 0
             except Exception as exc:  # noqa: BLE001 - the daemon outlives whatever its source does
@@ -168,6 +193,7 @@ class Daemon:
     def _pump(self, publisher: Publisher) -> None:
         """Move frames from the source into the ring until the source fails or we stop."""
         source = self.source
+        replay = self.replay
         previous_ns = 0
         first = True
         while not self.stop.is_set():
@@ -176,10 +202,14 @@ class Daemon:
                 with writer as buffer:
                     stamp = source.read_into(buffer)
                     writer.timestamp_ns = stamp
+                    if replay is not None:
+                        replay.before_publish(publisher, writer)
             except GeometryChanged as change:
                 log.info("source changed size to %dx%d", change.shape[1], change.shape[0])
                 publisher.set_geometry(change.shape, self.pixel_format)
                 continue
+            if replay is not None:
+                replay.after_publish(publisher)
             if first:
                 log.info("first frame published")
                 first = False

@@ -319,6 +319,7 @@ def render_table(document: dict[str, Any]) -> str:
             f"{stream['slots']} slots, {stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
         )
         lines.extend(_growth_lines(stream))
+        lines.extend(_replay_lines(stream))
         readers = stream["readers"]
         if not readers:
             lines.append("  no readers")
@@ -350,6 +351,29 @@ def _growth_lines(stream: dict[str, Any]) -> list[str]:
         if len(history) > 1:
             text += f", {len(history)} changes in all"
     return [text]
+
+
+def _replay_lines(stream: dict[str, Any]) -> list[str]:
+    """A replayed file (``info.replay``, see _replay.py): its pace, where it is, whom it waits for."""
+    info = stream.get("info")
+    replay = info.get("replay") if isinstance(info, dict) else None
+    if not isinstance(replay, dict):
+        return []
+    frames = f"/{replay['frames']}" if replay.get("frames") else ""
+    duration = f"/{replay['duration_s']:.2f}" if replay.get("duration_s") else ""
+    line = f"  replay pace {replay.get('pace')}   frame {replay.get('frame', 0)}{frames}   time {replay.get('time_s', 0.0):.2f}{duration} s"
+    if replay.get("pass", 1) > 1:
+        line += f"   pass {replay['pass']}"
+    line += "   recorded seq and wall time" if replay.get("recorded") else "   new seqs (no index)"
+    if replay.get("results"):
+        line += f"   results of {replay['results']} model(s) republished"
+    lines = [line]
+    waiting = replay.get("waiting_for")
+    if waiting:
+        names = ", ".join(f"{r['name']!r} (pid {r['pid']}, took frame {r['last_seq']})" for r in waiting)
+        more = replay.get("waiting_count", len(waiting)) - len(waiting)
+        lines.append(f"  lockstep: waiting {replay.get('waiting_s', 0.0):.1f} s for {names}{f' and {more} more' if more > 0 else ''}")
+    return lines
 
 
 def _model_lines(model: dict[str, Any]) -> list[str]:

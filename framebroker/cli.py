@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
             "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
             "or gst://PIPELINE. A file must exist at start; a camera or server that is not there (yet) or fails is "
-            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly."
+            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly. "
+            "A file plays once (?loop=1: again and again) at the --pace chosen."
         ),
     )
     serve.add_argument("source", metavar="SOURCE", help="camera URI (see above)")
@@ -148,6 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grown ring goes back to its starting size once readers have needed no more for S seconds (default 60)",
     )
     serve.add_argument("--group", help="open the stream to this group (mode 0660) instead of private (0600)")
+    replay = serve.add_argument_group(
+        "replaying a file",
+        "A file is a stream too, at its own timing or faster; a file framebroker recorded keeps its frames' seq "
+        "and wall time (from its index beside it: the same name with .csv).",
+    )
+    replay.add_argument(
+        "--pace",
+        choices=["realtime", "max", "lockstep"],
+        help="realtime (default): at the file's own timing, holes included; max: as fast as it decodes; "
+        "lockstep: each frame only once every ordered() reader took the previous one (no frame lost, "
+        "the producer waits: for offline runs)",
+    )
+    replay.add_argument(
+        "--wait-readers",
+        type=int_in(0, MAX_SLOTS, "--wait-readers"),
+        default=0,
+        metavar="K",
+        help="hold the first frame until K readers are attached",
+    )
+    replay.add_argument(
+        "--results",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="republish the recording's model results on their frames (default PATH: FILE.results.jsonl, "
+        "else FILE's name with .results.jsonl)",
+    )
 
     status = commands.add_parser("status", help="show streams, their cameras and every reader")
     status.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
@@ -296,6 +324,9 @@ def build_daemon(args: argparse.Namespace) -> "Daemon":
             group=args.group,
             max_shm=args.max_shm,
             shrink_after=args.shrink_after,
+            pace=args.pace,
+            wait_readers=args.wait_readers,
+            results=args.results,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None

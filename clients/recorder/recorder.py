@@ -5,8 +5,10 @@ A note on threads:
 * The **reader thread** owns the ``fb.Reader`` (a Reader is for one thread). It takes every
   frame in order (``ordered()``), copies it, releases the slot at once and puts the copy in a
   bounded queue without ever waiting: when the queue is full the frame is dropped and counted.
-  So a slow encoder costs frames, never the ring's or the camera's time. It also publishes the
-  recorder's counters with ``Reader.set_info`` for ``framebroker status``.
+  So a slow encoder costs frames, never the ring's or the camera's time. The one exception is a
+  file replayed in lockstep (``serve FILE --pace lockstep``), where the daemon waits for its
+  readers anyway: there the reader thread waits for room in the queue, and no frame is lost.
+  It also publishes the recorder's counters with ``Reader.set_info`` for ``framebroker status``.
 * The **encode thread** takes frames from the queue, draws the overlays, gives each frame its PTS
   (from its capture ``timestamp_ns``) and feeds the encoder. Packets reach the ``PacketRouter``
   from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer).
@@ -43,6 +45,8 @@ log = logging.getLogger("framebroker.recorder")
 READ_TIMEOUT = 0.25
 # How often counters are published to the reader table for `framebroker status` (s).
 INFO_PERIOD = 0.5
+# How long the recorder trusts what it last read about the stream's pace (s).
+PACE_CHECK_PERIOD = 1.0
 # Frames looked at (or how long, s) before opening the encoder, to measure the stream's rate.
 RATE_SAMPLE_FRAMES = 6
 RATE_SAMPLE_SECONDS = 0.3
@@ -194,6 +198,9 @@ class Recorder:
         # which the encode thread lowers once it knows the stream's rate.
         self._queue: "queue.Queue[Optional[CapturedFrame]]" = queue.Queue()
         self.queue_limit = options.queue_frames or QUEUE_FIRST_FRAMES
+        self._room = threading.Condition()  # notified whenever the encode thread takes an item
+        self._lockstep = False
+        self._pace_checked = -PACE_CHECK_PERIOD
         self._stop = threading.Event()
         self._done = threading.Event()
         self._encoder_failed = threading.Event()
@@ -275,6 +282,8 @@ class Recorder:
                     captured = CapturedFrame(frame.copy(), frame.seq, frame.timestamp_ns, frame.wall_time, frame.format)
                 stats.frames_read += 1
                 stats.last_timestamp_ns = captured.timestamp_ns
+                if self._queue.qsize() >= self.queue_limit and self._stream_in_lockstep():
+                    self._wait_for_room()
                 if self._queue.qsize() < self.queue_limit:
                     self._queue.put_nowait(captured)
                 else:
@@ -295,6 +304,29 @@ class Recorder:
                 self.reader.close()
             except Exception as exc:
                 log.debug("closing the reader: %s", exc)
+
+    def _stream_in_lockstep(self) -> bool:
+        """Whether the stream is a file replayed in lockstep (its daemon waits for us anyway)."""
+        now = time.monotonic()
+        if now - self._pace_checked >= PACE_CHECK_PERIOD:
+            self._pace_checked = now
+            streams = fb.status(self.reader.stream)["streams"]
+            info = streams[0].get("info") if streams else None
+            replay = info.get("replay") if isinstance(info, dict) else None
+            self._lockstep = isinstance(replay, dict) and replay.get("pace") == "lockstep"
+        return self._lockstep
+
+    def _wait_for_room(self) -> None:
+        with self._room:
+            while self._queue.qsize() >= self.queue_limit and not (self._stop.is_set() or self._encoder_failed.is_set()):
+                self._room.wait(READ_TIMEOUT)
+
+    def _take(self, timeout: Optional[float] = None) -> Optional[CapturedFrame]:
+        """The next item for the encode thread (queue.Empty after ``timeout``)."""
+        item = self._queue.get(timeout=timeout)
+        with self._room:
+            self._room.notify()
+        return item
 
     def _publish_info(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -323,7 +355,7 @@ class Recorder:
     def _encode_loop(self) -> None:
         encoder: Optional[Encoder] = None
         try:
-            first = self._queue.get()
+            first = self._take()
             if first is _SENTINEL:
                 return
             batch = self._rate_sample(first)
@@ -335,7 +367,7 @@ class Recorder:
                     break
                 self._encode(encoder, item)
             while not ended:
-                item = self._queue.get()
+                item = self._take()
                 if item is _SENTINEL:
                     break
                 self._encode(encoder, item)
@@ -364,7 +396,7 @@ class Recorder:
             if remaining <= 0:
                 break
             try:
-                item = self._queue.get(timeout=remaining)
+                item = self._take(remaining)
             except queue.Empty:
                 break
             batch.append(item)
