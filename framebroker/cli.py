@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
 from . import arguments
+from ._layout import MAX_SLOTS
 from .arguments import float_in, int_in, stream_name
 
 if TYPE_CHECKING:
