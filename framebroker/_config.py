@@ -56,8 +56,6 @@ SECTION_COMMANDS = ("record", "view", "bridge", "read", "faces", "motion")
 LATER = {
     "bridge": "frames and results to other machines through Zenoh",
     "derive": "derived streams",
-    "pace": "replay pacing",
-    "wait_readers": "lockstep replay",
 }
 
 
