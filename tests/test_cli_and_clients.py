@@ -42,6 +42,38 @@ def test_three_consumers_on_one_stream_at_once(env):
         assert not any(RAW_NUMBER.search(line) for line in proc.stdout), proc.output()
 
 
+def test_faces_and_motion_publish_what_they_find_as_models(env):
+    import framebroker as fb
+    from framebroker import testpattern
+
+    daemon, name = env.serve("test://", None, "--fps", "30")
+    faces = env.cli("faces", name, "--model", "faces-a")
+    motion = env.cli("motion", name)
+
+    def published() -> "dict | None":
+        models = {m["name"]: m for m in describe_stream(name)["models"]}
+        ready = set(models) == {"faces-a", "motion"} and all(m["results"] > 5 for m in models.values())
+        return models if ready else None
+
+    models = wait_until(published, 30, "both models in status, publishing")
+    assert models["motion"]["pid"] == motion.pid and models["faces-a"]["pid"] == faces.pid
+    with fb.ResultReader(name, "motion") as results:
+        # The test pattern's square moves 8 px a frame: motion finds it (and the changing band).
+        found = [r for r in (results.latest(timeout=5.0) for _ in range(20)) if r.objects]
+        assert found, "motion found nothing on test://"
+        result = found[-1]
+        x, y, side = testpattern._box(480, 640, result.seq)  # noqa: SLF001 - where the square is
+        boxes = [o["box"] for o in result.objects]
+        assert all(o["label"] == "motion" and 0 < o["score"] <= 1 for o in result.objects)
+        assert any(bx <= x + side and x <= bx + bw and by <= y + side and y <= by + bh for bx, by, bw, bh in boxes), (boxes, (x, y, side))
+    with fb.ResultReader(name, "faces-a") as results:
+        assert results.latest(timeout=5.0).data == {"objects": []}, "no face in the test pattern, and said so"
+    for proc in (faces, motion):
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.output()
+    assert describe_stream(name)["models"] == [], "a stopped model takes its results ring with it"
+
+
 def test_demo_runs_and_ends_cleanly(env):
     name = env.name("demo")
     result = env.run_cli("demo", "--name", name, "--duration", "7", timeout=90)
