@@ -21,6 +21,7 @@ import framebroker as fb
 from ._common import Every, add_model_option, add_wait_option, age_ms, exit_on_sigterm, fresh_frames, open_reader, say
 
 WORK_WIDTH = 320  # analyse at this width: motion needs no more, and it keeps the CPU cost small
+OPENING = np.ones((3, 3), np.uint8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
             diff = cv2.absdiff(gray, previous)
             previous = gray
             _, changed = cv2.threshold(diff, args.threshold, 255, cv2.THRESH_BINARY)
+            # Opening drops changes a pixel or two wide (noise, flicker along edges) before the
+            # dilation joins what is left into regions.
+            changed = cv2.morphologyEx(changed, cv2.MORPH_OPEN, OPENING)
             mask = cv2.dilate(changed, None, iterations=2)
             contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
             boxes = [cv2.boundingRect(c) for c in contours if cv2.contourArea(c) >= args.min_area]

@@ -180,12 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run a test:// daemon with the example consumers and a live status summary",
-        description="Start a daemon on test://, the face and motion detectors and a plain reader, each in its own "
-        "process, and print a status summary every few seconds. Ctrl-C ends everything cleanly.",
+        help="run a test:// daemon with the example consumers, the preview and a live status summary",
+        description="Start a daemon on test://, the face and motion detectors (publishing their results), a plain "
+        "reader and the browser preview (which draws the models' boxes), each in its own process, and print a status "
+        "summary every few seconds. Ctrl-C ends everything cleanly.",
     )
     demo.add_argument("--name", type=stream_name, default="demo", help="stream name (default demo)")
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
+    demo.add_argument("--port", type=int_in(0, 65535, "--port"), default=8080, help="the preview's port (default 8080, else a free one)")
 
     for command, (module, help_text) in CLIENT_COMMANDS.items():
         commands.add_parser(command, help=help_text, description=help_text, client=module)
@@ -439,7 +441,7 @@ def _would_clean(name: str) -> tuple[str, bool]:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(args.name, args.duration)
+    return run_demo(args.name, args.duration, args.port)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

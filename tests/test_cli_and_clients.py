@@ -74,12 +74,45 @@ def test_faces_and_motion_publish_what_they_find_as_models(env):
     assert describe_stream(name)["models"] == [], "a stopped model takes its results ring with it"
 
 
+def first_result_event(url: str, model: str) -> dict:
+    """The first ``result`` event of ``model`` with objects, from the preview's /results."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "results", timeout=20) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        kind = ""
+        for raw in events:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            elif line.startswith("data: ") and kind == "result":
+                event = json.loads(line[len("data: ") :])
+                if event["model"] == model and event["objects"]:
+                    return event
+    raise AssertionError(f"no result of {model} with objects")
+
+
 def test_demo_runs_and_ends_cleanly(env):
+    import urllib.request
+
     name = env.name("demo")
-    result = env.run_cli("demo", "--name", name, "--duration", "7", timeout=90)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    demo = env.cli("demo", "--name", name, "--duration", "10", "--port", "0")
+    line = demo.wait_line(lambda text: text.startswith("demo: open http://"), 30)
+    url = re.search(r"http://\S+/", line).group(0)
+    # The preview shows the models' boxes: its page gets their results, with boxes to draw.
+    event = first_result_event(url, "motion")
+    assert all(len(o["box"]) == 4 and o["label"] == "motion" for o in event["objects"]), event
+
+    def models() -> set:
+        with urllib.request.urlopen(url + "status.json", timeout=10) as reply:
+            return {m["name"] for m in json.loads(reply.read())["streams"][0]["models"]}
+
+    wait_until(lambda: models() == {"faces", "motion"}, 20, "both models in the preview's status")
+    assert demo.wait(timeout=90) == 0, demo.output()
+    out = "\n".join(demo.stdout)
     assert f"stream {name}: streaming" in out
+    assert re.search(r"^  model faces: writer pid \d+ +[\d.]+ results/s", out, re.M), out
+    assert re.search(r"^  model motion: writer pid \d+ +[\d.]+ results/s", out, re.M), out
     for label in ("faces", "motion", "reader"):
         assert re.search(rf"^\s+\d+\s+{label}\s", out, re.M), f"{label} missing from the status summary\n{out}"
     assert re.search(r"^\[faces\]  analysed \d+ frames/s, no face \(the test pattern has none\)", out, re.M), out
