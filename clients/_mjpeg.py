@@ -16,11 +16,12 @@ only wait on the condition and copy a reference to the newest JPEG.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, NamedTuple, Optional
 
 import framebroker as fb
+
+from ._hub import ViewerHub
 
 log = logging.getLogger("framebroker.view")
 
@@ -42,62 +43,26 @@ class Picture(NamedTuple):
     jpeg: bytes
 
 
-class JpegHub:
+class JpegHub(ViewerHub):
     """The newest frame of ``stream`` as JPEG, encoded once per frame for all viewers."""
 
+    THREAD_NAME = "framebroker-view-encoder"
+
     def __init__(self, stream: str, *, quality: int = 80, max_fps: float = 15.0, idle_detach: float = 3.0, reader_name: str = "view") -> None:
+        super().__init__()
         self.stream = stream
         self.quality = quality
         self.min_interval = 1.0 / max_fps if max_fps > 0 else 0.0
         self.idle_detach = idle_detach
         self.reader_name = reader_name
-        self._condition = threading.Condition()
         self._picture: Optional[Picture] = None  # the newest JPEG
         self._number = 0  # counts JPEGs made; viewers ask for one newer than the last they sent
-        self._viewers = 0
         self._encodes = 0
         self._sent = 0
         self._encode_seconds = 0.0
         self._message = "no viewer yet: the preview attaches to the stream when a browser shows the picture"
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
-
-    # --- life cycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the reader thread (idle until a viewer comes). Safe to call twice."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="framebroker-view-encoder", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Wake every waiting viewer and end the reader thread (which detaches). Safe to call twice."""
-        with self._condition:
-            self._stopping = True
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     # --- viewers ------------------------------------------------------------------------------
-
-    def add_viewer(self, limit: int) -> bool:
-        """Register a viewer; False if ``limit`` viewers already watch."""
-        with self._condition:
-            if self._viewers >= limit:
-                return False
-            self._viewers += 1
-            self._condition.notify_all()
-            return True
-
-    def remove_viewer(self) -> None:
-        with self._condition:
-            self._viewers -= 1
-            self._condition.notify_all()
 
     def wait_newer(self, after: int, timeout: float) -> Optional[Picture]:
         """The newest picture once it is newer than number ``after``; None on timeout or stop."""

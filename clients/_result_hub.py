@@ -20,12 +20,12 @@ from __future__ import annotations
 import collections
 import json
 import math
-import threading
 import time
 from typing import Any, Deque, Optional
 
 import framebroker as fb
 
+from ._hub import ViewerHub
 from ._models import ModelFollower, model_colour_hex
 
 # Events kept for pages that connect or fall behind: several seconds of a few models at 30 fps.
@@ -99,59 +99,23 @@ def model_summary(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-class ResultHub:
+class ResultHub(ViewerHub):
     """Every model's results on ``stream``, read once, for every page (see the module doc)."""
 
+    THREAD_NAME = "framebroker-view-results"
+
     def __init__(self, stream: str, *, idle_detach: float = 3.0, reader_name: str = "view") -> None:
+        super().__init__()
         self.stream = stream
         self.idle_detach = idle_detach
         self.reader_name = reader_name
-        self._condition = threading.Condition()
         self._events: Deque[tuple[int, str]] = collections.deque(maxlen=BACKLOG)
         self._number = 0
-        self._viewers = 0
         self._sent = 0
-        self._stopping = False
         self._follower: Optional[ModelFollower] = None
-        self._thread: Optional[threading.Thread] = None
         self._summary: tuple[float, list[dict[str, Any]]] = (0.0, [])
 
-    # --- life cycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the thread that attaches to the models while pages listen. Safe to call twice."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="framebroker-view-results", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Wake every page and detach from the models. Safe to call twice."""
-        with self._condition:
-            self._stopping = True
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     # --- pages --------------------------------------------------------------------------------
-
-    def add_viewer(self, limit: int) -> bool:
-        """Register a page; False if ``limit`` pages already listen."""
-        with self._condition:
-            if self._viewers >= limit:
-                return False
-            self._viewers += 1
-            self._condition.notify_all()
-            return True
-
-    def remove_viewer(self) -> None:
-        with self._condition:
-            self._viewers -= 1
-            self._condition.notify_all()
 
     def backlog_start(self) -> int:
         """The number to pass to ``wait_events`` first: a new page gets the backlog too (the

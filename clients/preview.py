@@ -29,7 +29,7 @@ import sys
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import framebroker as fb
@@ -37,6 +37,7 @@ from framebroker.arguments import float_in, int_in, stream_name
 
 from . import _prometheus
 from ._common import exit_on_sigterm, say
+from ._hub import ViewerHub
 from ._mjpeg import JpegHub
 from ._models import model_colour_hex
 from ._preview_script import SCRIPT
@@ -290,71 +291,67 @@ class PreviewHandler(BaseHTTPRequestHandler):
         )
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
 
-    def _mjpeg(self) -> None:
-        hub = self.server.hub
+    def _stream(self, hub: ViewerHub, content_type: str, body: Callable[[], None]) -> None:
+        """A response that lasts while the browser watches: one viewer of ``hub`` (a 503 if it
+        has ``--max-viewers`` already), the headers, then ``body()`` writes until it is done."""
         if not hub.add_viewer(self.server.max_viewers):
             message = f"too many viewers: at most {self.server.max_viewers} (framebroker view --max-viewers)\n"
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", message.encode())
             return
         try:
             self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}")
+            self.send_header("Content-Type", content_type)
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Connection", "close")
             self.end_headers()
-            number = 0
-            while not hub.stopping:
-                newest = hub.wait_newer(number, timeout=1.0)
-                if newest is None:
-                    if self._browser_left():
-                        return
-                    continue
-                number = newest.number
-                # The frame's seq and capture time (ms, CLOCK_MONOTONIC) ride along in headers an
-                # <img> ignores: the page's script matches the models' results to them.
-                head = b"--%s\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\nX-Frame-Seq: %d\r\nX-Frame-Time: %.3f\r\n\r\n" % (
-                    BOUNDARY, len(newest.jpeg), newest.seq, newest.timestamp_ns / 1e6,
-                )  # fmt: skip
-                self.wfile.write(head + newest.jpeg + b"\r\n")
-                hub.count_sent()
+            body()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         finally:
             hub.remove_viewer()
 
+    def _mjpeg(self) -> None:
+        self._stream(self.server.hub, f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}", self._send_pictures)
+
+    def _send_pictures(self) -> None:
+        hub = self.server.hub
+        number = 0
+        while not hub.stopping:
+            newest = hub.wait_newer(number, timeout=1.0)
+            if newest is None:
+                if self._browser_left():
+                    return
+                continue
+            number = newest.number
+            # The frame's seq and capture time (ms, CLOCK_MONOTONIC) ride along in headers an
+            # <img> ignores: the page's script matches the models' results to them.
+            head = b"--%s\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\nX-Frame-Seq: %d\r\nX-Frame-Time: %.3f\r\n\r\n" % (
+                BOUNDARY, len(newest.jpeg), newest.seq, newest.timestamp_ns / 1e6,
+            )  # fmt: skip
+            self.wfile.write(head + newest.jpeg + b"\r\n")
+            hub.count_sent()
+
     def _results(self) -> None:
         """Server-Sent Events: each model's results (``result``) and, every second, the models
         with their colours and latency (``models``). See ``_preview_script``."""
+        self._stream(self.server.results, "text/event-stream; charset=utf-8", self._send_results)
+
+    def _send_results(self) -> None:
         hub = self.server.results
-        if not hub.add_viewer(self.server.max_viewers):
-            message = f"too many pages: at most {self.server.max_viewers} (framebroker view --max-viewers)\n"
-            self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", message.encode())
-            return
-        try:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(b"retry: 2000\n\n")
-            number = hub.backlog_start()
-            models_due = 0.0
-            while not hub.stopping:
-                chunks = []
-                if time.monotonic() >= models_due:
-                    models_due = time.monotonic() + MODELS_EVENT_PERIOD
-                    chunks.append("event: models\ndata: " + json.dumps(hub.models(), separators=(",", ":")) + "\n\n")
-                number, events = hub.wait_events(number, timeout=MODELS_EVENT_PERIOD)
-                chunks.extend(f"event: result\ndata: {text}\n\n" for text in events)
-                if chunks:
-                    self.wfile.write("".join(chunks).encode())
-                    self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass
-        finally:
-            hub.remove_viewer()
+        self.wfile.write(b"retry: 2000\n\n")
+        number = hub.backlog_start()
+        models_due = 0.0
+        while not hub.stopping:
+            chunks = []
+            if time.monotonic() >= models_due:
+                models_due = time.monotonic() + MODELS_EVENT_PERIOD
+                chunks.append("event: models\ndata: " + json.dumps(hub.models(), separators=(",", ":")) + "\n\n")
+            number, events = hub.wait_events(number, timeout=MODELS_EVENT_PERIOD)
+            chunks.extend(f"event: result\ndata: {text}\n\n" for text in events)
+            if chunks:
+                self.wfile.write("".join(chunks).encode())
+                self.wfile.flush()
 
     def _browser_left(self) -> bool:
         """While no picture is sent, a closed connection is seen only by looking: EOF is readable."""
