@@ -67,7 +67,7 @@ def read_sidecar(video: Path) -> tuple[dict, list[dict]]:
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
 
 
-@pytest.mark.parametrize("suffix, time_base", [(".ts", "1/90000"), (".mkv", "1/1000")])
+@pytest.mark.parametrize("suffix, time_base", [(".ts", "1/90000"), (".mp4", "1/90000"), (".mkv", "1/1000")])
 def test_sidecar_joins_every_result_to_its_frame_by_ffprobes_pts(env, tmp_path, suffix, time_base):
     from framebroker import testpattern
 

@@ -88,6 +88,7 @@ class ResultFeed:
         self._condition = threading.Condition()
         self._history: Dict[str, "collections.OrderedDict[int, fb.Result]"] = {}
         self._newest: Dict[str, int] = {}
+        self._arrived = 0  # results so far
         self._listeners: List[Callable[[fb.Result], None]] = []
         self._tickers: List[Callable[[], None]] = []
         self._stopping = threading.Event()
@@ -137,11 +138,18 @@ class ResultFeed:
             while len(kept) > HISTORY_MAX_RESULTS or next(iter(kept.values())).timestamp_ns < oldest:
                 kept.popitem(last=False)
             self._newest[model] = result.seq
+            self._arrived += 1
             self._condition.notify_all()
         for listener in self._listeners:
             listener(result)
 
     # --- looking up ---------------------------------------------------------------------------
+
+    def wait_result(self, timeout: float) -> None:
+        """Return when a result arrives (or the feed stops), at the latest after ``timeout`` s."""
+        with self._condition:
+            arrived = self._arrived
+            self._condition.wait_for(lambda: self._arrived != arrived or self._stopping.is_set(), timeout)
 
     def newest(self) -> Dict[str, int]:
         """Each model's newest seq (the models that published since the feed started)."""
@@ -178,9 +186,9 @@ class ResultFeed:
                 if seq in kept:
                     found.append(FrameResult(model, kept[seq], True))
                     continue
-                earlier = [r for s, r in reversed(kept.items()) if s < seq]
-                if earlier and timestamp_ns - earlier[0].timestamp_ns <= CARRY_SECONDS * 1e9:
-                    found.append(FrameResult(model, earlier[0], False))
+                earlier = next((r for s, r in reversed(kept.items()) if s < seq), None)
+                if earlier is not None and timestamp_ns - earlier.timestamp_ns <= CARRY_SECONDS * 1e9:
+                    found.append(FrameResult(model, earlier, False))
             return found, not complete
 
 
@@ -357,12 +365,14 @@ class Sidecars:
             with self._lock:
                 if not self._open:
                     return
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 for sidecar in list(self._open):
                     sidecar.finish()
                 self._tick(force=True)
                 return
-            time.sleep(0.05)
+            # A sidecar settles when a model gets past its last frame, or when its wait is over.
+            self.feed.wait_result(min(remaining, HOUSEKEEPING_PERIOD))
 
 
 # --- rules ---------------------------------------------------------------------------------------
