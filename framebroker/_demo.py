@@ -9,7 +9,8 @@ by pid, and waits for them.
 
 The output is for a person watching, on a terminal 100 columns wide: each line says who speaks
 once (``[motion] frame 812: ...``, the child's own "motion: " dropped), the daemon's log lines
-lose their date and logger name, and a longer line is folded at a space.
+lose their date and logger name, and a longer line is folded (between a status line's fields
+where it can).
 """
 
 from __future__ import annotations
