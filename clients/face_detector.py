@@ -1,9 +1,14 @@
 """Example ML consumer: finds faces with the Haar cascade OpenCV ships (no download).
 
 Reads the freshest frame each time it is ready for one (``for frame in reader``), so a slow
-detector never falls behind the camera: it skips frames instead. Prints a line when the number
-of faces in view changes (with the frame's number and the boxes), and once a second what it
-analysed: frames per second, how many had faces, and how old a frame is when its result is ready.
+detector never falls behind the camera: it skips frames instead. Publishes what it found on
+every frame it analysed through ``fb.ResultWriter`` (model ``faces``, ``--model`` to change):
+``{"objects": [{"box": [x, y, w, h], "label": "face", "neighbours": n}]}``, an empty list when
+there is none, so readers can tell "no face" from "not analysed". A Haar cascade gives no
+calibrated score: ``neighbours`` (how many overlapping detections were merged into the face;
+higher is surer) stands in for it. Prints a line when the number of faces in view changes
+(with the frame's number and the boxes), and once a second what it analysed: frames per second,
+how many had faces, and how old a frame is when its result is ready.
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ import time
 
 import framebroker as fb
 
-from ._common import Every, add_wait_option, age_ms, exit_on_sigterm, fresh_frames, open_reader, say
+from ._common import Every, add_model_option, add_wait_option, age_ms, exit_on_sigterm, fresh_frames, open_reader, say
 
 BOXES_SHOWN = 3  # a line lists at most this many faces, so it stays readable
+MIN_NEIGHBOURS = 5  # overlapping detections a face needs (OpenCV's minNeighbors)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="stream to read")
     parser.add_argument("--frames", type=int, default=0, help="stop after this many frames (default: run until the stream ends)")
     parser.add_argument("--reader-name", default="faces", help="name shown by framebroker status")
+    add_model_option(parser, "faces")
     add_wait_option(parser, 10.0)
 
 
@@ -42,16 +49,19 @@ def main(args: argparse.Namespace) -> int:
     processed = 0
     window_start, window_frames, window_with_faces = time.monotonic(), 0, 0
     in_view = 0
-    with open_reader(args.name, args.reader_name, args.wait, "faces") as cam:
+    with open_reader(args.name, args.reader_name, args.wait, "faces") as cam, fb.ResultWriter(args.name, args.model) as out:
         # Said, not guessed: a face detector that finds nothing on a test pattern is working.
         nothing_to_find = " (the test pattern has none)" if _serves_test_pattern(args.name) else ""
-        say(f"faces: reading stream {args.name!r}")
+        say(f"faces: reading stream {args.name!r}, publishing as model {args.model!r}")
         for frame in fresh_frames(cam, "faces"):
             with frame:
                 image = frame.array
                 gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-                faces = cascade.detectMultiScale(gray, scaleFactor=1.2, minNeighbors=5, minSize=(24, 24))
-                seq, latency_ms = frame.seq, age_ms(frame.timestamp_ns)
+                faces, neighbours = cascade.detectMultiScale2(gray, scaleFactor=1.2, minNeighbors=MIN_NEIGHBOURS, minSize=(24, 24))
+                seq = frame.seq
+            objects = [{"box": [int(v) for v in box], "label": "face", "neighbours": int(n)} for box, n in zip(faces, neighbours)]
+            out.publish(frame, {"objects": objects})
+            latency_ms = age_ms(frame.timestamp_ns)
             processed += 1
             window_frames += 1
             if len(faces):

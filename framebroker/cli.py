@@ -37,11 +37,11 @@ CLIENTS_PACKAGE = "framebroker_clients"
 
 # command -> (module in framebroker_clients, one-line help)
 CLIENT_COMMANDS = {
-    "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
-    "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
+    "faces": ("face_detector", "example ML consumer: Haar-cascade face detector; publishes its boxes as model 'faces'"),
+    "motion": ("motion_detector", "example ML consumer: motion detector; publishes moving regions as model 'motion'"),
     "read": ("plain_reader", "plain reader: prints the frames it gets (rate, frame age, frames skipped)"),
     "record": ("recorder", "recorder: H.264 with true timestamps, to a file (.ts, .mp4, .mkv), segments, UDP or SRT, and event clips"),
-    "view": ("preview", "browser preview: live MJPEG picture, status page and Prometheus /metrics (127.0.0.1:8080)"),
+    "view": ("preview", "browser preview: live picture with the models' boxes, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
 }
 
@@ -232,12 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run a test:// daemon with the example consumers and a live status summary",
-        description="Start a daemon on test://, the face and motion detectors and a plain reader, each in its own "
-        "process, and print a status summary every few seconds. Ctrl-C ends everything cleanly.",
+        help="run a test:// daemon with the example consumers, the preview and a live status summary",
+        description="Start a daemon on test://, the face and motion detectors (publishing their results), a plain "
+        "reader and the browser preview (which draws the models' boxes), each in its own process, and print a status "
+        "summary every few seconds. Ctrl-C ends everything cleanly.",
     )
     demo.add_argument("--name", type=stream_name, default="demo", help="stream name (default demo)")
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
+    demo.add_argument("--port", type=int_in(0, 65535, "--port"), default=8080, help="the preview's port (default 8080, else a free one)")
 
     up = commands.add_parser(
         "up",
@@ -552,7 +554,7 @@ def _would_clean(name: str) -> tuple[str, bool]:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(args.name, args.duration)
+    return run_demo(args.name, args.duration, args.port)
 
 
 def _up(args: argparse.Namespace) -> int:

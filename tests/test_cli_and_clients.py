@@ -43,14 +43,79 @@ def test_three_consumers_on_one_stream_at_once(env):
         assert not any(RAW_NUMBER.search(line) for line in proc.stdout), proc.output()
 
 
+def test_faces_and_motion_publish_what_they_find_as_models(env):
+    import framebroker as fb
+    from framebroker import testpattern
+
+    daemon, name = env.serve("test://", None, "--fps", "30")
+    faces = env.cli("faces", name, "--model", "faces-a")
+    motion = env.cli("motion", name)
+
+    def published() -> "dict | None":
+        models = {m["name"]: m for m in describe_stream(name)["models"]}
+        ready = set(models) == {"faces-a", "motion"} and all(m["results"] > 5 for m in models.values())
+        return models if ready else None
+
+    models = wait_until(published, 30, "both models in status, publishing")
+    assert models["motion"]["pid"] == motion.pid and models["faces-a"]["pid"] == faces.pid
+    with fb.ResultReader(name, "motion") as results:
+        # The test pattern's square moves 8 px a frame: motion finds it (and the changing band).
+        found = [r for r in (results.latest(timeout=5.0) for _ in range(20)) if r.objects]
+        assert found, "motion found nothing on test://"
+        result = found[-1]
+        x, y, side = testpattern._box(480, 640, result.seq)  # noqa: SLF001 - where the square is
+        boxes = [o["box"] for o in result.objects]
+        assert all(o["label"] == "motion" and 0 < o["score"] <= 1 for o in result.objects)
+        assert any(bx <= x + side and x <= bx + bw and by <= y + side and y <= by + bh for bx, by, bw, bh in boxes), (boxes, (x, y, side))
+    with fb.ResultReader(name, "faces-a") as results:
+        assert results.latest(timeout=5.0).data == {"objects": []}, "no face in the test pattern, and said so"
+    for proc in (faces, motion):
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.output()
+    assert describe_stream(name)["models"] == [], "a stopped model takes its results ring with it"
+
+
+def first_result_event(url: str, model: str) -> dict:
+    """The first ``result`` event of ``model`` with objects, from the preview's /results."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "results", timeout=20) as events:
+        assert events.headers["Content-Type"].startswith("text/event-stream")
+        kind = ""
+        for raw in events:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            elif line.startswith("data: ") and kind == "result":
+                event = json.loads(line[len("data: ") :])
+                if event["model"] == model and event["objects"]:
+                    return event
+    raise AssertionError(f"no result of {model} with objects")
+
+
 def test_demo_runs_until_ctrl_c_and_ends_cleanly(env):
+    import urllib.request
+
     name = env.name("demo")
-    demo = env.cli("demo", "--name", name)
+    demo = env.cli("demo", "--name", name, "--port", "0")
+    line = demo.wait_line(lambda text: text.startswith("demo: open http://"), 30)
+    url = re.search(r"http://\S+/", line).group(0)
+    # The preview shows the models' boxes: its page gets their results, with boxes to draw.
+    event = first_result_event(url, "motion")
+    assert all(len(o["box"]) == 4 and o["label"] == "motion" for o in event["objects"]), event
+
+    def models() -> set:
+        with urllib.request.urlopen(url + "status.json", timeout=10) as reply:
+            return {m["name"] for m in json.loads(reply.read())["streams"][0]["models"]}
+
+    wait_until(lambda: models() == {"faces", "motion"}, 20, "both models in the preview's status")
     # It runs until every consumer has shown output and a status summary has listed each of them.
     for pattern in (
         r"^\[faces\]  analysed \d+ frames/s, no face \(the test pattern has none\)",
         r"^\[motion\] frame \d+: \d+ moving region",
         r"^\[read\]   [\d.]+ frames/s, frame age \d+ ms, lag \d+, .*, 0 bad$",
+        r"^  model faces: writer pid \d+ +[\d.]+ results/s",
+        r"^  model motion: writer pid \d+ +[\d.]+ results/s",
     ):
         demo.wait_line(lambda line: re.search(pattern, line) is not None, timeout=60)
     for label in ("faces", "motion", "reader"):

@@ -4,6 +4,8 @@
     framebroker record cam0 --segment 60 --dir /var/lib/cams --keep 1440
     framebroker record cam0 -o udp://192.168.1.50:5000 --text "TX2 DEMO" --clock
     framebroker record cam0 --clips /var/lib/clips --pre-roll 5 --post-roll 5   # + framebroker trigger cam0
+    framebroker record cam0 -o cam0.ts --results                # + cam0.results.jsonl: every model's results
+    framebroker record cam0 --clips /var/lib/clips --trigger-on faces --trigger-on detector:person>=0.6
 
 The package, one job per module:
 
@@ -14,6 +16,7 @@ The package, one job per module:
 * ``lifecycle``: the start/stop states encoders and outputs share.
 * ``outputs``: a .ts, .mp4 or .mkv file, segmented .ts files with sidecar indexes, UDP, SRT.
 * ``clips``: the pre-roll buffer and the event clips it writes on triggers.
+* ``results``: the models' results: sidecars beside each file, burn-in, ``--trigger-on`` rules.
 * ``recorder``: the pipeline (reader thread, bounded queue, encode thread).
 * this module: the command line.
 """
@@ -34,13 +37,14 @@ from types import FrameType
 from typing import Callable, Optional
 
 import framebroker as fb
-from framebroker.arguments import float_in, int_in
+from framebroker.arguments import float_in, int_in, model_name
 
 from .._common import add_wait_option, open_reader
-from .clips import PreRollOutput
+from .clips import HISTORY_MARGIN_SECONDS, ClipEvent, PreRollOutput
 from .encoders import ENCODERS
 from .outputs import FileOutput, Output, SegmentedOutput, make_output, segment_stamp
 from .recorder import Recorder, RecorderOptions, Stats
+from .results import FRAME_MEMORY_SECONDS, ResultFeed, Rule, Sidecars
 from .selection import select_encoder
 
 log = logging.getLogger("framebroker.recorder")
@@ -55,6 +59,19 @@ MAX_KEYFRAME_INTERVAL = 1
 
 class _UsageError(ValueError):
     pass
+
+
+def _model_list(text: str) -> list[str]:
+    """``faces,motion``: model names, each checked."""
+    names = [name.strip() for name in text.split(",")]
+    return [model_name(name) for name in names]
+
+
+def _rule(text: str) -> Rule:
+    try:
+        return Rule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +115,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pre-roll", type=float_in(0, 3600, "--pre-roll", low_inclusive=True), default=5.0, metavar="S", help="with --clips: seconds before a trigger (default 5)")
     parser.add_argument("--post-roll", type=float_in(0, 3600, "--post-roll", low_inclusive=True), default=5.0, metavar="S", help="with --clips: seconds after the last trigger (default 5)")
+    parser.add_argument(
+        "--results",
+        nargs="?",
+        const=[],
+        type=_model_list,
+        metavar="MODEL,...",
+        help="write the models' results beside each file (-o FILE, each segment, each clip) as FILE.results.jsonl: "
+        "seq, the frame's PTS in the file's time base, wall time, model and data per result (default: every model of "
+        "the stream, also those that start later; put NAME before it, or write --results=MODEL)",
+    )
+    parser.add_argument(
+        "--burn-in",
+        type=_model_list,
+        metavar="MODEL[,MODEL]",
+        help="draw these models' boxes into the video (each frame waits up to --burn-in-wait for its results)",
+    )
+    parser.add_argument(
+        "--burn-in-wait",
+        type=float_in(0, 10, "--burn-in-wait", low_inclusive=True),
+        metavar="S",
+        help="with --burn-in: how long after its capture a frame may wait for its results (default 0.5); "
+        "the encoder queue grows by as much",
+    )
+    parser.add_argument(
+        "--trigger-on",
+        type=_rule,
+        action="append",
+        metavar="MODEL[:LABEL][>=SCORE]",
+        help="with --clips: open or extend a clip when a result of MODEL has an object (with that label, with at "
+        "least that score); the pre-roll counts from the frame the object was seen on (repeatable)",
+    )
     parser.add_argument("--reader-name", default="recorder", help="name shown by framebroker status")
 
 
@@ -105,7 +153,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Raise ValueError for what the parser cannot judge (options that go together, directories
     that must exist), starting nothing: ``framebroker up --check`` calls it for a config file."""
     _check_encoder(args)
-    _build_outputs(args)
+    _check_result_options(args)
+    _build_outputs(args, None)
 
 
 def _check_encoder(args: argparse.Namespace) -> None:
@@ -121,7 +170,54 @@ def _keyframe_interval(segment: Optional[float]) -> Fraction:
     return length / math.ceil(length / MAX_KEYFRAME_INTERVAL)
 
 
-def _build_outputs(args: argparse.Namespace) -> tuple[list[Output], Optional[PreRollOutput]]:
+def _check_result_options(args: argparse.Namespace) -> None:
+    if args.burn_in_wait is not None and not args.burn_in:
+        raise _UsageError("--burn-in-wait goes with --burn-in")
+    if args.trigger_on and args.clips is None:
+        raise _UsageError("--trigger-on opens clips: give --clips DIR too")
+    if args.results is not None and args.clips is None and args.segment is None and "://" in (args.output or ""):
+        raise _UsageError("--results writes a file beside each video file: give -o FILE, --segment or --clips")
+
+
+def _result_feed(args: argparse.Namespace) -> tuple[Optional[ResultFeed], Optional[Sidecars]]:
+    """The models the recording follows: --results' (every model if none named), --burn-in's, --trigger-on's."""
+    if args.results is None and not args.burn_in and not args.trigger_on:
+        return None, None
+    named = list(args.results or []) + list(args.burn_in or []) + [rule.model for rule in args.trigger_on or []]
+    every = args.results is not None and not args.results
+    # Long enough for a clip's pre-roll (its frames' results arrived before the clip opened).
+    history = max(FRAME_MEMORY_SECONDS, (args.pre_roll if args.clips else 0.0) + HISTORY_MARGIN_SECONDS + 3.0)
+    feed = ResultFeed(args.name, None if every else named, args.reader_name, history)
+    sidecars = None
+    if args.results is not None:
+        sidecars = Sidecars(feed, args.name, None if every else args.results)
+    return feed, sidecars
+
+
+def _apply_rules(rules: list[Rule], clips: PreRollOutput) -> Callable[[fb.Result], None]:
+    """--trigger-on: a result that matches a rule becomes a clip event at its frame."""
+
+    def on_result(result: fb.Result) -> None:
+        for rule in rules:
+            matched = rule.matches(result)
+            if not matched:
+                continue
+            record = {
+                "rule": str(rule),
+                "label": rule.label or rule.model,
+                "model": result.model,
+                "seq": result.seq,
+                "timestamp_ns": result.timestamp_ns,
+                "wall_time": result.wall_time,
+                "latency_ms": round(result.latency_ns / 1e6, 3),
+                "objects": matched,
+            }
+            clips.add_event(ClipEvent(rule.label or rule.model, result.timestamp_ns, result.seq, None, record, announce=False))
+
+    return on_result
+
+
+def _build_outputs(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> tuple[list[Output], Optional[PreRollOutput]]:
     clips: Optional[PreRollOutput] = None
     if args.clips is not None:
         directory = Path(args.clips)
@@ -129,21 +225,21 @@ def _build_outputs(args: argparse.Namespace) -> tuple[list[Output], Optional[Pre
             raise _UsageError(f"--clips {directory}: no such directory (create it first)")
         if not os.access(directory, os.W_OK):
             raise _UsageError(f"--clips {directory}: not writable")
-        clips = PreRollOutput(directory, args.name, args.pre_roll, args.post_roll)
+        clips = PreRollOutput(directory, args.name, args.pre_roll, args.post_roll, results=sidecars)
         if args.output is None and args.segment is None:
             if args.dir is not None or args.keep is not None:
                 raise _UsageError("--dir and --keep go with --segment")
             return [clips], clips
-    return [_build_output(args)] + ([clips] if clips is not None else []), clips
+    return [_build_output(args, sidecars)] + ([clips] if clips is not None else []), clips
 
 
-def _build_output(args: argparse.Namespace) -> Output:
+def _build_output(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> Output:
     if args.segment is None:
         if args.dir is not None or args.keep is not None:
             raise _UsageError("--dir and --keep go with --segment")
         target = args.output or f"{args.name}-{segment_stamp(time.time())}.ts"
         try:
-            output = make_output(target, index=args.index)
+            output = make_output(target, index=args.index, results=sidecars)
         except ValueError as exc:
             raise _UsageError(str(exc)) from None
         if isinstance(output, FileOutput):
@@ -162,16 +258,20 @@ def _build_output(args: argparse.Namespace) -> Output:
         raise _UsageError(f"--dir {directory}: no such directory (create it first)")
     if not os.access(directory, os.W_OK):
         raise _UsageError(f"--dir {directory}: not writable")
-    return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep)
+    return SegmentedOutput(directory, args.name, Fraction(str(args.segment)), args.keep, results=sidecars)
 
 
-def _extra_info(note: dict, clips: Optional[PreRollOutput]) -> Callable[[], dict]:
-    """What status shows beside the recorder's counters: why software encodes, the clip buffer."""
+def _extra_info(note: dict, clips: Optional[PreRollOutput], sidecars: Optional[Sidecars]) -> Callable[[], dict]:
+    """What status shows beside the recorder's counters: why software encodes, the clip buffer,
+    the results written beside the files."""
 
     def info() -> dict:
-        if clips is None:
-            return note
-        return {**note, "preroll_s": round(clips.held_seconds, 1), "preroll_kb": clips.held_bytes // 1024, "clips": len(clips.clips)}
+        shown = dict(note)
+        if clips is not None:
+            shown.update(preroll_s=round(clips.held_seconds, 1), preroll_kb=clips.held_bytes // 1024, clips=len(clips.clips))
+        if sidecars is not None:
+            shown["results"] = sidecars.total_written
+        return shown
 
     return info
 
@@ -225,7 +325,9 @@ def _usage(message: str) -> int:
 def main(args: argparse.Namespace) -> int:
     try:
         _check_encoder(args)
-        outputs, clips = _build_outputs(args)
+        _check_result_options(args)
+        feed, sidecars = _result_feed(args)
+        outputs, clips = _build_outputs(args, sidecars)
     except (_UsageError, ValueError) as exc:
         return _usage(str(exc))
     options = RecorderOptions(
@@ -235,7 +337,11 @@ def main(args: argparse.Namespace) -> int:
         bitrate_kbps=args.bitrate,
         queue_frames=args.queue,
         keyframe_interval=_keyframe_interval(args.segment),
+        burn_in=tuple(dict.fromkeys(args.burn_in or ())),
+        burn_in_wait=0.5 if args.burn_in_wait is None else args.burn_in_wait,
     )
+    if feed is not None and clips is not None and args.trigger_on:
+        feed.add_listener(_apply_rules(args.trigger_on, clips))
     label = " + ".join(output.describe() for output in outputs)
     # Attach first: a stream that does not exist is reported before encoders are probed.
     reader = open_reader(args.name, args.reader_name, args.wait, "record")
@@ -247,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
         reader.set_info(encoder=spec.name, **note, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
         if clips is not None:
             inbox = reader.triggers()
-        recorder = Recorder(reader, spec, outputs, options, output_label=label, extra_info=_extra_info(note, clips))
+        recorder = Recorder(reader, spec, outputs, options, output_label=label, extra_info=_extra_info(note, clips, sidecars), results=feed)
     except BaseException:
         if inbox is not None:
             inbox.close()
@@ -263,6 +369,8 @@ def main(args: argparse.Namespace) -> int:
     rate = _Rate()
     listener: Optional[threading.Thread] = None
     try:
+        if feed is not None:
+            feed.start()
         recorder.start()
         if inbox is not None and clips is not None:
             listener = _listen(recorder, inbox, clips)
@@ -282,6 +390,10 @@ def main(args: argparse.Namespace) -> int:
             listener.join(timeout=2 * PROGRESS_PERIOD + 1)
         if inbox is not None:
             inbox.close()
+        if sidecars is not None:
+            sidecars.close()  # the results of the last frames, from models a little behind
+        if feed is not None:
+            feed.stop()
     if interactive:
         written = recorder.router.frames
         sys.stdout.write(_progress_line(recorder.stats, written, rate.update(written)) + "\n")
@@ -293,6 +405,10 @@ def main(args: argparse.Namespace) -> int:
             files += f" files={len(output.files)} deleted={len(output.deleted)}"
         if isinstance(output, PreRollOutput):
             files += f" clips={len(output.clips)} triggers={output.triggers_received}"
+    if sidecars is not None:
+        files += f" results={sidecars.total_written}"
+    if options.burn_in:
+        files += f" burn_in_late={stats.burn_in_late}"
     print(
         f"record: {'failed' if recorder.error else 'done'} ({recorder.end_reason}): "
         f"frames={recorder.router.frames} seconds={stats.recorded_seconds:.3f} encoder={spec.name} "

@@ -38,6 +38,7 @@ from framebroker.sources import expand_env, redact, url_escape
 
 from .lifecycle import Lifecycle, State
 from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo
+from .results import ResultSidecar, Sidecars, sidecar_path
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -200,15 +201,18 @@ class Output(Lifecycle):
 
 class FileOutput(Output):
     """One file (overwritten if it exists) in the container its extension names (``CONTAINERS``;
-    ValueError for another), with an optional sidecar index next to it."""
+    ValueError for another), with an optional sidecar index next to it, and with ``results``
+    (``record --results``) the models' results of its frames (``FILE.results.jsonl``)."""
 
-    def __init__(self, path: Union[str, Path], index: bool = False) -> None:
+    def __init__(self, path: Union[str, Path], index: bool = False, results: Optional[Sidecars] = None) -> None:
         super().__init__()
         self.container = container_for(path)
         self.path = Path(path)
         self.index_path = self.path.with_suffix(".csv") if index else None
+        self._results = results
         self._muxer: Optional[Muxer] = None
         self._index: Optional[SidecarIndex] = None
+        self._sidecar: Optional[ResultSidecar] = None
         self._complete_size = 0
 
     def describe(self) -> str:
@@ -220,9 +224,13 @@ class FileOutput(Output):
             self._muxer = Muxer("file:" + str(self.path.resolve()), info, self.container)
             if self.index_path is not None:
                 self._index = SidecarIndex(self.index_path)
+            if self._results is not None:
+                self._sidecar = self._results.open(self.path, self.container)
         except OSError as exc:
             if self._muxer is not None:
                 self._muxer.close()
+            if self._index is not None:
+                self._index.close()
             raise OutputError(f"cannot write {self.path}: {exc}") from None
 
     def _write(self, packet: EncodedPacket) -> None:
@@ -241,20 +249,26 @@ class FileOutput(Output):
         self._complete_size = os.path.getsize(self.path)
         if self._index is not None:
             self._index.add(packet)
+        if self._sidecar is not None:
+            self._sidecar.frames_written(packet.frames)
 
     def _stop(self) -> None:
         muxer, self._muxer = self._muxer, None
         index, self._index = self._index, None
+        sidecar, self._sidecar = self._sidecar, None
         try:
             if muxer is not None:
                 muxer.close()
         finally:
             if index is not None:
                 index.close()
+            if sidecar is not None:
+                sidecar.finish()  # closed once the models' results for its last frames are in
 
 
 class SegmentedOutput(Output):
-    """A new file every ``seconds``, each starting on a keyframe, with a sidecar index each.
+    """A new file every ``seconds``, each starting on a keyframe, with a sidecar index each (and a
+    results sidecar each, with ``results``).
 
     Files are ``DIR/<prefix>-<UTC start>.ts`` (the capture wall time of their first frame) and
     ``.csv``. A cut happens at the first keyframe at or after each multiple of ``seconds`` of
@@ -263,7 +277,9 @@ class SegmentedOutput(Output):
     at most ``keep`` remain.
     """
 
-    def __init__(self, directory: Union[str, Path], prefix: str, seconds: Fraction, keep: Optional[int] = None) -> None:
+    def __init__(
+        self, directory: Union[str, Path], prefix: str, seconds: Fraction, keep: Optional[int] = None, results: Optional[Sidecars] = None
+    ) -> None:
         super().__init__()
         if seconds <= 0:
             raise ValueError(f"segment length must be > 0 s, got {seconds}")
@@ -273,6 +289,7 @@ class SegmentedOutput(Output):
         self.prefix = prefix
         self.seconds = Fraction(seconds)
         self.keep = keep
+        self._results = results
         self._ticks = self.seconds * PTS_HZ
         self._info: Optional[StreamInfo] = None
         self._current: Optional[FileOutput] = None
@@ -309,7 +326,7 @@ class SegmentedOutput(Output):
             serial += 1
             path = self.directory / f"{stem}-{serial}.ts"
         assert self._info is not None
-        current = FileOutput(path, index=True)
+        current = FileOutput(path, index=True, results=self._results)
         current.start(self._info)
         self._current = current
         self._segment = self._segment_of(packet.pts)
@@ -327,7 +344,7 @@ class SegmentedOutput(Output):
         for old in ours[: max(0, len(ours) - self.keep)]:
             if old == current:
                 continue
-            for victim in (old, old.with_suffix(".csv")):
+            for victim in (old, old.with_suffix(".csv"), sidecar_path(old)):
                 try:
                     victim.unlink()
                 except FileNotFoundError:
@@ -588,9 +605,9 @@ class SrtOutput(Output):
             raise OutputError(self._error)
 
 
-def make_output(target: str, index: bool = False) -> Output:
+def make_output(target: str, index: bool = False, results: Optional[Sidecars] = None) -> Output:
     """The output for ``-o``: udp://HOST:PORT, srt://HOST:PORT[?...] or a FILE.ts, .mp4 or .mkv
-    (ValueError for anything else)."""
+    (ValueError for anything else). ``index`` and ``results`` are for files only."""
     scheme = urlsplit(target).scheme if "://" in target else ""
     if scheme == "udp":
         return UdpOutput(target)
@@ -601,7 +618,7 @@ def make_output(target: str, index: bool = False) -> Output:
             f"-o {redact(target)!r}: unknown scheme {scheme}://; give a file (.ts, .mp4, .mkv), udp://HOST:PORT or srt://HOST:PORT"
         )
     try:
-        return FileOutput(target, index=index)
+        return FileOutput(target, index=index, results=results)
     except ValueError as exc:
         raise ValueError(f"-o {exc}") from None
 

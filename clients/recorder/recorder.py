@@ -11,7 +11,11 @@ A note on threads:
   It also publishes the recorder's counters with ``Reader.set_info`` for ``framebroker status``.
 * The **encode thread** takes frames from the queue, draws the overlays, gives each frame its PTS
   (from its capture ``timestamp_ns``) and feeds the encoder. Packets reach the ``PacketRouter``
-  from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer).
+  from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer). With
+  ``burn_in``, it first waits for the models' results of the frame (``ResultFeed.for_frame``),
+  at most until ``burn_in_wait`` seconds after the frame's capture, and draws their boxes: the
+  wait happens here, so frames pile up in the queue (which is made that much longer), never in
+  the ring, and once the queue is full frames are dropped there and counted, as ever.
 * The **caller** (the CLI's main thread) starts, asks to stop, waits, and reads ``stats``.
 
 Counters are plain ints, each written by one thread and read by the others.
@@ -38,6 +42,7 @@ import framebroker as fb
 from .encoders import Encoder, EncoderSettings, EncoderSpec
 from .outputs import Output
 from .packets import FrameStamp, PacketRouter, StreamInfo, pts_from_ns
+from .results import ResultFeed, draw_results
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -65,8 +70,10 @@ class RecorderOptions:
     text: Optional[str] = None
     clock: bool = False
     bitrate_kbps: Optional[int] = None  # None: about 0.1 bit per pixel at the stream's rate
-    queue_frames: Optional[int] = None  # None: QUEUE_SECONDS of frames at the stream's rate
+    queue_frames: Optional[int] = None  # None: QUEUE_SECONDS (+ burn_in_wait) of frames at the stream's rate
     keyframe_interval: Fraction = Fraction(1)
+    burn_in: tuple[str, ...] = ()  # models whose boxes are drawn into the video
+    burn_in_wait: float = 0.5  # how long after its capture a frame may wait for those results (s)
 
 
 @dataclass
@@ -90,6 +97,7 @@ class Stats:
         self.last_timestamp_ns: Optional[int] = None
         self.encoder = ""
         self.queue_depth = 0
+        self.burn_in_late = 0  # frames encoded before every --burn-in model had got to them
         self.encode_seconds: deque[float] = deque(maxlen=2000)
 
     @property
@@ -178,10 +186,14 @@ class Recorder:
         output_label: str = "",
         router: Optional[PacketRouter] = None,
         extra_info: Optional[Callable[[], dict]] = None,
+        results: Optional[ResultFeed] = None,
     ) -> None:
         if options.queue_frames is not None and options.queue_frames < 1:
             raise ValueError(f"the queue must hold at least 1 frame, got {options.queue_frames}")
+        if options.burn_in and results is None:
+            raise ValueError("burn-in needs the models' results: pass results=ResultFeed(...)")
         self.reader = reader
+        self.results = results
         self.spec = encoder
         self.options = options
         self.router = router or PacketRouter()
@@ -343,6 +355,8 @@ class Recorder:
             "queue": stats.queue_depth,
             "out": label if len(label) <= 120 else "..." + label[-117:],
         }
+        if self.options.burn_in:
+            info["burn_in_late"] = stats.burn_in_late
         if self.extra_info is not None:
             info.update(self.extra_info())
         try:
@@ -425,7 +439,9 @@ class Recorder:
         self._pixel_format = first.pixel_format
         fps = self._measure_fps(batch)
         if self.options.queue_frames is None:
-            self.queue_limit = min(QUEUE_MAX_FRAMES, max(2, round(QUEUE_SECONDS * fps)))
+            # Burn-in holds frames up to burn_in_wait longer: the queue grows by as much.
+            seconds = QUEUE_SECONDS + (self.options.burn_in_wait if self.options.burn_in else 0.0)
+            self.queue_limit = min(round(QUEUE_MAX_FRAMES * seconds / QUEUE_SECONDS), max(2, round(seconds * fps)))
         bitrate = self.options.bitrate_kbps or default_bitrate_kbps(self._geometry[1], self._geometry[0], fps)
         settings = EncoderSettings(
             width=self._geometry[1],
@@ -463,6 +479,17 @@ class Recorder:
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
         return image
 
+    def _burn_in(self, item: CapturedFrame) -> None:
+        """Draw the --burn-in models' boxes into the frame (its private copy), in the frame's own
+        pixels, before it is converted or resized for the encoder."""
+        assert self.results is not None
+        deadline_ns = item.timestamp_ns + int(self.options.burn_in_wait * 1e9)
+        found, late = self.results.for_frame(self.options.burn_in, item.seq, item.timestamp_ns, deadline_ns)
+        if late:
+            self.stats.burn_in_late += 1
+        if found:
+            draw_results(item.image, found, item.pixel_format)
+
     def _encode(self, encoder: Encoder, item: CapturedFrame) -> None:
         stats = self.stats
         first_ns = stats.first_timestamp_ns
@@ -472,6 +499,8 @@ class Recorder:
             # Two frames in the same 1/90000 s, or a clock that stepped back: keep PTS increasing.
             pts = self._last_pts + 1
         self._last_pts = pts
+        if self.options.burn_in:
+            self._burn_in(item)
         image = self._conform(item)
         if self.options.text or self.options.clock:
             if not image.flags.writeable:
