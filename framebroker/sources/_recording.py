@@ -173,12 +173,15 @@ class RecordedResults:
             if not line.strip():
                 continue
             try:
-                seq, model, data = self._parse(line, number)
+                parsed = self._parse(line, number)
             except SourceError:
                 if cut and number == len(lines):
                     _cut_short(path, number)
                     break
                 raise
+            if parsed is None:
+                continue  # the recorder's header line (what the file is, its time base)
+            seq, model, data = parsed
             first = seen.setdefault((seq, model), number)
             if first != number:
                 raise SourceError(
@@ -188,7 +191,7 @@ class RecordedResults:
             self.by_seq.setdefault(seq, []).append((model, data))
             self.count += 1
 
-    def _parse(self, line: str, number: int) -> Tuple[int, str, Dict[str, Any]]:
+    def _parse(self, line: str, number: int) -> Optional[Tuple[int, str, Dict[str, Any]]]:
         where = f"{self.path}, line {number}"
         try:
             record = json.loads(line)
@@ -196,6 +199,8 @@ class RecordedResults:
             raise SourceError(f"{where}: not JSON ({exc})") from None
         if not isinstance(record, dict):
             raise SourceError(f"{where}: expected a JSON object with seq, model and data")
+        if number == 1 and "framebroker_results" in record:
+            return None
         seq, model, data = record.get("seq"), record.get("model"), record.get("data")
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
             raise SourceError(f"{where}: \"seq\" must be a frame number >= 1, got {seq!r}")
