@@ -213,6 +213,11 @@ PRODUCER_WAITS_OFFSET = LIVE_OFFSET + 112
 # request it refused, the bytes that growth needed, and the most it may take (``--max-shm``).
 GROWTH = struct.Struct("<IIQQ")
 GROWTH_OFFSET = LIVE_OFFSET + 116
+# A results ring only (_results.py): the newest frame its model has dealt with, by publishing a
+# result for it or by saying it skips it; a reader asking for an older frame that has no record
+# knows at once that the model skipped it.
+DEALT_WITH = struct.Struct("<Q")
+DEALT_WITH_OFFSET = LIVE_OFFSET + 140
 REASON_OFFSET = 512
 REASON_SIZE = 512
 SOURCE_OFFSET = 1024

@@ -729,6 +729,15 @@ class Publisher:
         # its encoder) may be about to read in order: lockstep waits for it to say.
         self._holding_entries = ordered + undecided
 
+    def _wake_readers(self) -> None:
+        """Post every attached reader (as a publish does) without publishing a frame: a results
+        ring's writer saying it skips frames (``_results.py``)."""
+        if self._control[GROW_REQUEST_OFFSET : self._changes_end] != self._changes_seen:  # type: ignore[index]
+            self._refresh_readers()
+        for sem in self._wake_list:
+            if sem.value < MAX_PENDING_WAKES:
+                sem.release()
+
     def reader_count(self) -> int:
         """Readers attached right now."""
         self._check_open()

@@ -154,8 +154,14 @@ class Replay:
         if seq and publisher.seq == seq:
             self.recorded_frames += 1
             if self.results is not None:
+                published = set()
                 for model, data in self.results.by_seq.get(seq, ()):
                     self._republish(model, seq, data)
+                    published.add(model)
+                # The models the recording has no result from on this frame skipped it: say so,
+                # so a reader's get() of it answers None now instead of waiting for a later one.
+                for model in self._writers.keys() - published:
+                    self._writers[model].skip(seq)
         if time.monotonic() >= self._status_due:
             self._show(publisher)
 

@@ -44,6 +44,8 @@ from ._attachment import Attachment
 from ._errors import ClosedError, FrameTimeout, ModelNotFound, ResultExpired, StreamBusy, StreamNotFound
 from ._frame import Frame, check_timeout
 from ._layout import (
+    DEALT_WITH,
+    DEALT_WITH_OFFSET,
     EXTRA_OFFSET,
     EXTRA_SIZE,
     HEAD,
@@ -255,6 +257,11 @@ class _RecordRing(Publisher):
         flat[RECORD.size : used] = np.frombuffer(payload, np.uint8)
         return self._commit(slot, timestamp_ns, seq, wall, (1, used, 1, PixelFormat.GRAY, used))
 
+    def skip(self, seq: int) -> None:
+        """The model is done with every frame up to ``seq``: say so, and wake waiting readers."""
+        DEALT_WITH.pack_into(self._control, DEALT_WITH_OFFSET, seq)
+        self._wake_readers()
+
     def renew(self, extra: Dict[str, Any]) -> None:
         """Move to a fresh ring under the same name (a new daemon serves the stream)."""
         self._extra.update(extra)
@@ -333,41 +340,70 @@ class ResultWriter:
 
     def publish(self, frame: Union[Frame, int], data: Dict[str, Any], *, timestamp_ns: Optional[int] = None) -> None:
         """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq)."""
+        ring = self._open_ring()
+        payload = encode_result(data)
+        seq, epoch, stamp, wall = self._frame(frame, timestamp_ns, need_time=True)
+        if not self._advance(ring, seq, epoch):
+            return  # a frame of a daemon that is gone: its results have nobody to join them
+        self._number += 1
+        ring.write(seq, stamp, wall, self._number, epoch, payload)
+        self._latencies.append(time.monotonic_ns() - stamp)
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + 0.5
+            self._write_stats(ring)
+
+    def skip(self, frame: Union[Frame, int]) -> None:
+        """Say that this model will publish nothing for ``frame`` (a Frame, or a frame's seq), nor
+        for any frame before it it has not published a result for: a reader's ``get()`` of those
+        frames then answers None at once instead of waiting for a later result. Optional: a model
+        that publishes a later frame's result says the same implicitly."""
+        ring = self._open_ring()
+        seq, epoch, _stamp, _wall = self._frame(frame, None, need_time=False)
+        if self._advance(ring, seq, epoch):
+            ring.skip(seq)
+
+    def _open_ring(self) -> _RecordRing:
         ring = self._ring
         if ring is None or self._state is not Lifecycle.OPEN:
             raise ClosedError(f"ResultWriter of model {self._model!r} on stream {self._stream!r} is closed")
-        payload = encode_result(data)
+        return ring
+
+    def _frame(self, frame: Union[Frame, int], timestamp_ns: Optional[int], need_time: bool) -> tuple:
+        """(seq, the daemon's epoch, capture timestamp_ns, wall time) of the frame a result is for."""
         if isinstance(frame, Frame):
             if frame.stream != self._stream:
                 raise ValueError(f"frame {frame.seq} is from stream {frame.stream!r}, this writer publishes on {self._stream!r}")
-            seq, epoch = frame.seq, frame._attachment.epoch
-            stamp, wall = frame.timestamp_ns, frame.wall_time
             if timestamp_ns is not None:
                 raise TypeError("timestamp_ns is the frame's own when a Frame is given; pass it only with a seq")
-        elif isinstance(frame, (int, np.integer)) and not isinstance(frame, bool):
-            seq = int(frame)
-            if seq < 1:
-                raise ValueError(f"seq must be a frame number >= 1, got {seq}")
-            segment = self._watch.segment  # type: ignore[union-attr]
-            epoch = segment.header.epoch
-            if timestamp_ns is None:
-                found = self._watch.capture_time(seq)  # type: ignore[union-attr]
-                if found is None:
-                    raise ValueError(
-                        f"frame {seq} of stream {self._stream!r} is no longer in its ring, so its capture time is "
-                        "unknown: pass timestamp_ns= (CLOCK_MONOTONIC), or publish with the Frame"
-                    )
-                stamp, wall = found
-            else:
-                if isinstance(timestamp_ns, bool) or not isinstance(timestamp_ns, (int, np.integer)):
-                    raise TypeError(f"timestamp_ns must be an int (CLOCK_MONOTONIC ns), not {type(timestamp_ns).__name__}")
-                stamp = int(timestamp_ns)
-                wall = time.time() - (time.monotonic_ns() - stamp) / 1e9
-        else:
-            raise TypeError(f"publish() takes a Frame or a frame's seq (int), not {type(frame).__name__}")
+            return frame.seq, frame._attachment.epoch, frame.timestamp_ns, frame.wall_time
+        if not isinstance(frame, (int, np.integer)) or isinstance(frame, bool):
+            raise TypeError(f"takes a Frame or a frame's seq (int), not {type(frame).__name__}")
+        seq = int(frame)
+        if seq < 1:
+            raise ValueError(f"seq must be a frame number >= 1, got {seq}")
+        epoch = self._watch.segment.header.epoch  # type: ignore[union-attr]
+        if not need_time:
+            return seq, epoch, 0, 0.0
+        if timestamp_ns is None:
+            found = self._watch.capture_time(seq)  # type: ignore[union-attr]
+            if found is None:
+                raise ValueError(
+                    f"frame {seq} of stream {self._stream!r} is no longer in its ring, so its capture time is "
+                    "unknown: pass timestamp_ns= (CLOCK_MONOTONIC), or publish with the Frame"
+                )
+            return (seq, epoch, *found)
+        if isinstance(timestamp_ns, bool) or not isinstance(timestamp_ns, (int, np.integer)):
+            raise TypeError(f"timestamp_ns must be an int (CLOCK_MONOTONIC ns), not {type(timestamp_ns).__name__}")
+        stamp = int(timestamp_ns)
+        return seq, epoch, stamp, time.time() - (time.monotonic_ns() - stamp) / 1e9
+
+    def _advance(self, ring: _RecordRing, seq: int, epoch: int) -> bool:
+        """Check that ``seq`` comes after the last frame dealt with (following a new daemon to a
+        new ring); False for a frame of a daemon that is gone."""
         if epoch != self._stream_epoch:
             if epoch != self._watch.segment.header.epoch:  # type: ignore[union-attr]
-                return  # a frame of a daemon that is gone: its results have nobody to join them
+                return False
             self._stream_epoch = epoch
             self._last_seq = 0
             ring.renew({"stream_epoch": epoch})
@@ -376,14 +412,8 @@ class ResultWriter:
                 f"results are published in frame order: seq {seq} comes after {self._last_seq} "
                 f"(model {self._model!r} on stream {self._stream!r})"
             )
-        self._number += 1
-        ring.write(seq, stamp, wall, self._number, epoch, payload)
         self._last_seq = seq
-        self._latencies.append(time.monotonic_ns() - stamp)
-        now = time.monotonic()
-        if now >= self._next_stats:
-            self._next_stats = now + 0.5
-            self._write_stats(ring)
+        return True
 
     def _write_stats(self, ring: _RecordRing) -> None:
         ordered = sorted(self._latencies)
@@ -516,6 +546,8 @@ class _RecordReader(Reader):
                 if found is not False:
                     return found  # type: ignore[return-value]
                 continue  # being rewritten this very moment: look again (it is then gone)
+            if current and not self._orphaned and DEALT_WITH.unpack_from(attachment.control, DEALT_WITH_OFFSET)[0] >= seq:  # type: ignore[arg-type]
+                return None  # the model said it skips this frame (and publishes nothing later yet)
             if deadline is None and timeout is not None:
                 deadline = time.monotonic() + check_timeout(timeout)
             if self._progress_due:

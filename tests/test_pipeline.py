@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 import framebroker as fb
 from conftest import ffmpeg_decode
 from test_recorder_results import start_box_model
@@ -30,8 +32,9 @@ def test_a_recording_with_its_results_replays_with_the_same_seqs_wall_times_and_
     with fb.Reader(replayed, name="offline-run", wait=20.0) as cam, fb.ResultReader(replayed, "square", wait=20.0) as res:
         for frame in cam.ordered(timeout=10.0):
             frames.append((frame.seq, frame.wall_time, frame.dropped))
-            if frame.seq in recorded:
-                results[frame.seq] = res.get(frame, timeout=10.0).data
+            result = res.get(frame, timeout=10.0)  # None at once for a frame the model skipped
+            if result is not None:
+                results[frame.seq] = result.data
     assert replay.wait(timeout=30) == 0, replay.output()
     # Every frame of the recording, in order, none dropped, under its recorded seq and wall time ...
     assert [seq for seq, _, _ in frames] == sorted(index)
@@ -39,3 +42,19 @@ def test_a_recording_with_its_results_replays_with_the_same_seqs_wall_times_and_
     assert all(abs(wall - index[seq]) < 1e-6 for seq, wall, _ in frames)
     # ... and every recorded result on its frame again.
     assert results == recorded
+
+
+def test_skip_answers_get_at_once_and_a_replay_says_which_frames_a_model_skipped(env, tmp_path):
+    name = env.name()
+    with fb.Publisher(name, shape=(8, 8, 3)) as pub, fb.Reader(name) as cam:
+        with fb.ResultWriter(name, "sometimes") as out, fb.ResultReader(name, "sometimes") as res:
+            for _ in range(4):
+                pub.publish(__import__("numpy").zeros((8, 8, 3), "uint8"))
+            frame = cam.latest(timeout=1.0)
+            out.publish(frame, {"n": frame.seq})
+            with pytest.raises(fb.FrameTimeout):
+                res.get(frame.seq + 1, timeout=0.05)  # the model has not said anything about it
+            out.skip(frame.seq + 2)
+            assert res.get(frame.seq + 1, timeout=0) is None and res.get(frame.seq + 2, timeout=0) is None
+            with pytest.raises(ValueError, match="frame order"):
+                out.publish(frame.seq + 1, {}, timestamp_ns=frame.timestamp_ns)

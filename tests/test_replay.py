@@ -273,7 +273,7 @@ def test_without_lockstep_a_slow_reader_loses_frames(env, clip):
         (["test://", "--pace", "max"], "--pace is for files"),
         (["test://", "--wait-readers", "1"], "are for files"),
         (["test://", "--results"], "are for files"),
-        (["CLIP", "--wait-readers", "11"], "at most 10 readers"),
+        (["CLIP", "--slots", "12", "--wait-readers", "11"], "at most 10 readers"),
     ],
 )
 def test_replay_options_on_the_wrong_source_are_usage_errors(env, clip, options, message):
