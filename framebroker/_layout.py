@@ -223,11 +223,11 @@ REASON_SIZE = 512
 SOURCE_OFFSET = 1024
 SOURCE_SIZE = 512
 EXTRA_OFFSET = 1536  # JSON written by the daemon: options shown by status (group, format, ...)
-EXTRA_SIZE = 1024
+EXTRA_SIZE = 2288  # up to the growth request below
 # One byte per reader-table entry, each written only by that entry's reader: it adds 1 when it
 # attaches, changes mode or detaches, so the producer, comparing the whole run with the copy it
 # saw last, knows when to rescan the table. One writer per byte: no update can be lost.
-CHANGES_OFFSET = 2560
+CHANGES_OFFSET = HEADER_SIZE - 256
 CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
 # Just before them, what an attaching reader that found no free token writes to ask a growable
 # ring for more slots: a request count and the frames it wants to hold. Several may write at
@@ -235,6 +235,7 @@ CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
 # this and the change bytes as one run of bytes.
 GROW_REQUEST = struct.Struct("<II")
 GROW_REQUEST_OFFSET = CHANGES_OFFSET - GROW_REQUEST.size
+assert EXTRA_OFFSET + EXTRA_SIZE <= GROW_REQUEST_OFFSET, "the header's fields must not overlap"
 
 # --- per-slot metadata ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import json
+import math
 import json.encoder
 import json.scanner
 import os
@@ -338,11 +339,26 @@ class ResultWriter:
     def model(self) -> str:
         return self._model
 
-    def publish(self, frame: Union[Frame, int], data: Dict[str, Any], *, timestamp_ns: Optional[int] = None) -> None:
-        """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq)."""
+    def publish(
+        self,
+        frame: Union[Frame, int],
+        data: Dict[str, Any],
+        *,
+        timestamp_ns: Optional[int] = None,
+        wall_time: Optional[float] = None,
+    ) -> None:
+        """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq; with
+        a seq, ``timestamp_ns`` and ``wall_time`` may give the frame's capture time, as a relay
+        of another machine's results knows it)."""
         ring = self._open_ring()
         payload = encode_result(data)
         seq, epoch, stamp, wall = self._frame(frame, timestamp_ns, need_time=True)
+        if wall_time is not None:
+            if isinstance(frame, Frame) or timestamp_ns is None:
+                raise TypeError("wall_time goes with a seq and its timestamp_ns (a Frame has its own)")
+            if isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time):
+                raise TypeError(f"wall_time must be a finite number of epoch seconds, not {wall_time!r}")
+            wall = float(wall_time)
         if not self._advance(ring, seq, epoch):
             return  # a frame of a daemon that is gone: its results have nobody to join them
         self._number += 1
@@ -456,6 +472,7 @@ class _RecordReader(Reader):
         self.model = model
         self._display_stream = stream
         self._last_number = 0
+        self._oldest_first = False
         self._epochs: Dict[int, int] = {}  # id(attachment) -> the stream epoch its ring is for
         self._open(results_ring_name(stream, model), f"model {model!r} of stream {stream!r}", name, 1, wait)
 
@@ -506,6 +523,22 @@ class _RecordReader(Reader):
         self._share_args = [_flock_arg(fcntl.F_RDLCK, LOCK_SLOT_BASE + k) for k in slots]
         self._unlock_args = [_flock_arg(fcntl.F_UNLCK, LOCK_SLOT_BASE + k) for k in slots]
         return attachment
+
+    def start_at_oldest(self) -> None:
+        """The next ordered result is the oldest the ring keeps (not the newest)."""
+        self._oldest_first = True
+
+    def _get(self, mode: int, timeout: Optional[float]) -> Result:  # type: ignore[override]
+        if self._oldest_first and mode == ReaderMode.ORDERED:
+            self._oldest_first = False
+            attachment = self._current()
+            if self._mode != mode:
+                self._mode = mode
+                attachment.set_mode(mode)
+            found = self._oldest_after(attachment, 0)
+            if found is not None:
+                return found  # type: ignore[return-value]
+        return super()._get(mode, timeout)  # type: ignore[return-value]
 
     def stream_epoch(self, attachment: Attachment) -> int:
         """The epoch of the daemon whose frames this results ring is about."""
@@ -658,9 +691,13 @@ class ResultReader:
         self._latest = result = reader._get(ReaderMode.LIVE, timeout)  # type: ignore[assignment]
         return result
 
-    def ordered(self, timeout: Optional[float] = None) -> Iterator[Result]:
-        """Every result in order; ``timeout`` bounds each wait (``FrameTimeout``, iterator usable)."""
-        return self._records().ordered(timeout)  # type: ignore[return-value]
+    def ordered(self, timeout: Optional[float] = None, *, oldest: bool = False) -> Iterator[Result]:
+        """Every result in order, from the newest (or, ``oldest=True``, from the oldest the ring
+        still keeps); ``timeout`` bounds each wait (``FrameTimeout``, the iterator stays usable)."""
+        reader = self._records()
+        if oldest:
+            reader.start_at_oldest()
+        return reader.ordered(timeout)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[Result]:
         return self.ordered(None)
