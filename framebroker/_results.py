@@ -352,12 +352,13 @@ class ResultWriter:
         of another machine's results knows it)."""
         ring = self._open_ring()
         payload = encode_result(data)
-        seq, epoch, stamp, wall = self._frame(frame, timestamp_ns, need_time=True)
         if wall_time is not None:
             if isinstance(frame, Frame) or timestamp_ns is None:
                 raise TypeError("wall_time goes with a seq and its timestamp_ns (a Frame has its own)")
             if isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time):
                 raise TypeError(f"wall_time must be a finite number of epoch seconds, not {wall_time!r}")
+        seq, epoch, stamp, wall = self._frame(frame, timestamp_ns, need_time=True)
+        if wall_time is not None:
             wall = float(wall_time)
         if not self._advance(ring, seq, epoch):
             return  # a frame of a daemon that is gone: its results have nobody to join them
