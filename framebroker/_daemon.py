@@ -51,6 +51,7 @@ class Daemon:
         self.source: Source = make_source(
             self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop
         )
+        self.source.stream = name
         # Everything that can be wrong with the arguments is found here, before anything starts,
         # so the CLI can report it as a usage error (exit 2).
         check_shape(self.source.provisional_shape(), pixel_format)
@@ -133,6 +134,7 @@ class Daemon:
                 )
                 publisher.set_geometry(source.shape, self.pixel_format)
                 publisher.set_fps(source.fps)
+                self._show_source_info(publisher)
                 self._pump(publisher)
             except SourceEnded as exc:
                 log.info("source ended: %s", exc)
@@ -153,6 +155,7 @@ class Daemon:
                 retry_log.failed(what, failures, backoff)
                 reason = f"{what} (attempt {failures}, next in {backoff:.1f} s)"
                 publisher.set_state("reconnecting" if publisher.seq or failures > 1 else "starting", reason)
+                self._show_source_info(publisher)
                 if self.stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -176,6 +179,8 @@ class Daemon:
                 with writer as buffer:
                     stamp = source.read_into(buffer)
                     writer.timestamp_ns = stamp
+                    if source.frame_origin is not None:  # another machine's frame: its seq and wall time
+                        writer.seq, writer.wall_time = source.frame_origin
             except GeometryChanged as change:
                 log.info("source changed size to %dx%d", change.shape[1], change.shape[0])
                 publisher.set_geometry(change.shape, self.pixel_format)
@@ -191,11 +196,20 @@ class Daemon:
             previous_ns = stamp_ns
             self._log_reader_changes(publisher)
 
+    def _show_source_info(self, publisher: Publisher) -> None:
+        info = self.source.info()
+        if info:
+            try:
+                publisher.set_info(**info)
+            except ValueError as exc:  # more than the header holds: status goes without it
+                log.debug("source info not shown in status: %s", exc)
+
     def _log_reader_changes(self, publisher: Publisher) -> None:
         now = time.monotonic()
         if now < self._next_reader_scan:
             return
         self._next_reader_scan = now + 1.0
+        self._show_source_info(publisher)
         current = {}
         for reader in describe_readers(publisher._segment):  # type: ignore[arg-type]
             current[(reader["pid"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"

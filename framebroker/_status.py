@@ -319,6 +319,7 @@ def render_table(document: dict[str, Any]) -> str:
             f"{stream['slots']} slots, {stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
         )
         lines.extend(_growth_lines(stream))
+        lines.extend(_link_lines(stream))
         readers = stream["readers"]
         if not readers:
             lines.append("  no readers")
@@ -350,6 +351,31 @@ def _growth_lines(stream: dict[str, Any]) -> list[str]:
         if len(history) > 1:
             text += f", {len(history)} changes in all"
     return [text]
+
+
+def _link_lines(stream: dict[str, Any]) -> list[str]:
+    """Zenoh links (``framebroker bridge``, ``serve zenoh://``): a remote stream's origin, link and
+    latency from capture there to publish here; a bridge's remotes, their latency and losses."""
+    lines = []
+    info = stream.get("info")
+    remote = info.get("remote") if isinstance(info, dict) else None
+    if isinstance(remote, dict):
+        latency = "-" if remote.get("latency_p50_ms") is None else f"{remote['latency_p50_ms']:.1f}/{remote.get('latency_p99_ms', 0):.1f} ms"
+        lines.append(
+            f"  remote: from {remote.get('origin')} ({remote.get('origin_state')}) over zenoh {remote.get('key')}   "
+            f"link {remote.get('link')} ({remote.get('peers')} peers)   capture to here p50/p99 {latency}   "
+            f"lost on link {remote.get('lost')}   skipped to keyframe {remote.get('skipped')}"
+        )
+    for reader in stream.get("readers", []):
+        bridge = reader.get("info")
+        if not (isinstance(bridge, dict) and str(bridge.get("out", "")).startswith("zenoh ") and "link" in bridge):
+            continue
+        latency = "-" if bridge.get("remote_ms") is None else f"{bridge['remote_ms']:.1f} ms"
+        lines.append(
+            f"  bridge pid {reader['pid']}: {bridge['out']}   link {bridge['link']} ({bridge.get('peers')} peers, "
+            f"{bridge.get('remotes')} remotes)   capture to remote p50 {latency}   lost on link {bridge.get('lost')}"
+        )
+    return lines
 
 
 def _model_lines(model: dict[str, Any]) -> list[str]:
