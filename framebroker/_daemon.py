@@ -21,7 +21,7 @@ from ._publisher import AUTO_SLOTS, DEFAULT_SLOTS, SHRINK_AFTER, Publisher, chec
 from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
-from .sources import GeometryChanged, Source, make_source, parse_source
+from .sources import GeometryChanged, Source, SourceRenumbered, make_source, parse_source
 
 log = logging.getLogger("framebroker.serve")
 
@@ -77,20 +77,7 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped (0), until a finite source ends (0); errors at start raise."""
-        source = self.source
-        self.publisher = Publisher(
-            self.name,
-            source.provisional_shape(),
-            source.requested_fps or 0.0,
-            format=self.pixel_format,
-            slots=self.slots,
-            group=self.group,
-            max_shm=self.max_shm,
-            shrink_after=self.shrink_after,
-            source=self.spec.display,
-        )
-        publisher = self.publisher
-        publisher.set_info(format=self.pixel_format, group=self.group or "", slots=self.slots)
+        self.publisher = publisher = self._new_publisher()
         log.info(
             "serving %s as stream %r (%d slots, %s)",
             self.spec.display,
@@ -102,8 +89,24 @@ class Daemon:
             return self._loop(publisher)
         finally:
             self._close_source()
-            publisher.close()
+            self.publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
+
+    def _new_publisher(self) -> Publisher:
+        source = self.source
+        publisher = Publisher(
+            self.name,
+            source.provisional_shape(),
+            source.requested_fps or 0.0,
+            format=self.pixel_format,
+            slots=self.slots,
+            group=self.group,
+            max_shm=self.max_shm,
+            shrink_after=self.shrink_after,
+            source=self.spec.display,
+        )
+        publisher.set_info(format=self.pixel_format, group=self.group or "", slots=self.slots)
+        return publisher
 
     def _loop(self, publisher: Publisher) -> int:
         """Open the source, pump its frames, and on any failure retry with backoff until stopped.
@@ -140,6 +143,12 @@ class Daemon:
                 log.info("source ended: %s", exc)
                 publisher.set_state("ended", str(exc))
                 return 0
+            except SourceRenumbered as exc:
+                # As when a daemon restarts: a new ring, which readers attach to by themselves.
+                log.info("%s: serving a new ring", exc)
+                self._close_source()
+                publisher.close()
+                self.publisher = publisher = self._new_publisher()
             except Exception as exc:  # noqa: BLE001 - the daemon outlives whatever its source does
                 self._close_source()
                 if self.stop.is_set():

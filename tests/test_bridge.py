@@ -103,6 +103,10 @@ def test_remote_frames_are_the_origins_with_their_seq_and_wall_time(env):
 
     entry = wait_until(bridge_entry, 10, "the bridge to see its remote")
     assert entry["info"]["link"] == "up" and entry["info"]["out"] == f"zenoh framebroker/{link.origin}/video"
+    from framebroker_clients.preview import status_fragment
+
+    page = status_fragment(link.remote_info(), {"message": "", "viewers": 0, "jpeg_encodes": 0, "frames_sent": 0, "quality": 80, "max_fps": 15})
+    assert f"<th>origin</th><td>{link.origin}@" in page and "<th>link</th><td>up, 1 peers" in page, page
     table = env.run_cli("status").stdout
     assert f"remote: from {link.origin}@" in table and "link up" in table, table
     assert f"bridge pid {link.bridge.pid}: zenoh framebroker/{link.origin}/video   link up" in table, table
@@ -173,6 +177,25 @@ def test_bridge_killed_and_restarted_mid_stream(env):
         with after:
             assert after.seq > last_seq and testpattern.identify(after.array) == after.seq
     assert link.remote_info()["reconnects"] >= 1
+    assert not zenoh_files()
+
+
+@needs_zenoh
+def test_the_remote_follows_a_restart_of_the_origins_daemon(env):
+    """The origin's daemon is killed and started again: its frames number from 1 again, and the
+    remote makes a new ring, as a restarted daemon does; its readers follow by themselves."""
+    link = Link(env)
+    with fb.Reader(link.remote, name="follower") as cam:
+        cam.next(timeout=5.0).release()
+        first_ring = link.remote_info()["started"]
+        link.origin_proc.signal(signal.SIGKILL)
+        link.origin_proc.wait()
+        link.origin_proc, _ = env.serve("test://", link.origin, *SIZE)
+        wait_until(lambda: (lambda s: s["started"] != first_ring and s["state"] == "streaming")(link.remote_info()), 60, "a new remote ring")
+        frame = cam.next(timeout=10.0)
+        with frame:
+            assert testpattern.identify(frame.array) == frame.seq
+    assert "the origin's daemon restarted" in "\n".join(link.remote_proc.stderr)
     assert not zenoh_files()
 
 

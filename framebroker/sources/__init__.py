@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-from ._base import GeometryChanged, Source
+from ._base import GeometryChanged, Source, SourceRenumbered
 from ._gstreamer import CsiSource, GstSource, RtspSource
 from ._opencv import FileSource, V4L2Source
 from ._synthetic import TestPatternSource
@@ -73,6 +73,7 @@ __all__ = [
     "GeometryChanged",
     "ResultRelay",
     "Source",
+    "SourceRenumbered",
     "SourceSpec",
     "VideoUnit",
     "ZenohMissing",

@@ -22,6 +22,12 @@ class GeometryChanged(Exception):
         self.shape = shape
 
 
+class SourceRenumbered(SourceError):
+    """Raised by a source that relays another machine's frames (``frame_origin``) when their
+    numbering starts again (that machine's daemon restarted): the daemon starts a new ring,
+    as a restarted daemon would, and opens the source again."""
+
+
 class Source:
     """A camera (or a stand-in) that fills frames in place.
 

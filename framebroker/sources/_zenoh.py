@@ -29,7 +29,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from .._errors import SourceError
-from ._base import GeometryChanged, Source
+from ._base import GeometryChanged, Source, SourceRenumbered
 from ._zenoh_link import (
     ResultRelay,
     VideoUnit,
@@ -194,10 +194,12 @@ class ZenohSource(Source):
                 continue
             if unit.seq <= self._last_seq:
                 if unit.origin_pid != self.origin_pid:
-                    raise SourceError(
+                    message = (
                         f"{self.description}: the origin's daemon restarted (pid {self.origin_pid} -> {unit.origin_pid}) "
-                        "and numbers its frames from 1 again: restart this daemon to follow it"
+                        "and numbers its frames from 1 again"
                     )
+                    self._last_seq, self.origin_pid = 0, unit.origin_pid
+                    raise SourceRenumbered(message)
                 continue  # a frame already published (the bridge restarted and sent it again)
             self.origin_pid = unit.origin_pid
             return self._convert(frame), unit
