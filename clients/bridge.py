@@ -293,7 +293,8 @@ def main(args: argparse.Namespace) -> int:
         note = {"fallback": selection.fallback_reason} if selection.fallback else {}
         options = RecorderOptions(bitrate_kbps=args.bitrate, keyframe_interval=Fraction(args.keyframe_interval).limit_denominator(1000))
         recorder = Recorder(
-            reader, selection.spec, [bridge.output], options, output_label=bridge.output.describe(),
+            # "zenoh" alone: the key follows from the stream's name, and a reader's info is small.
+            reader, selection.spec, [bridge.output], options, output_label="zenoh",
             extra_info=lambda: {**note, **bridge.link()},  # type: ignore[union-attr]
         )  # fmt: skip
         bridge.recorder = recorder

@@ -368,11 +368,11 @@ def _link_lines(stream: dict[str, Any]) -> list[str]:
         )
     for reader in stream.get("readers", []):
         bridge = reader.get("info")
-        if not (isinstance(bridge, dict) and str(bridge.get("out", "")).startswith("zenoh ") and "link" in bridge):
+        if not (isinstance(bridge, dict) and bridge.get("out") == "zenoh" and "link" in bridge):
             continue
         latency = "-" if bridge.get("remote_ms") is None else f"{bridge['remote_ms']:.1f} ms"
         lines.append(
-            f"  bridge pid {reader['pid']}: {bridge['out']}   link {bridge['link']} ({bridge.get('peers')} peers, "
+            f"  bridge pid {reader['pid']}: zenoh framebroker/{stream['name']}/video   link {bridge['link']} ({bridge.get('peers')} peers, "
             f"{bridge.get('remotes')} remotes)   capture to remote p50 {latency}   lost on link {bridge.get('lost')}"
         )
     return lines
