@@ -58,7 +58,9 @@ _PYAV_FORMATS = {"bgr": "bgr24", "rgb": "rgb24", "gray": "gray"}
 class ZenohSource(Source):
     """Frames from ``framebroker bridge STREAM`` on another machine, over Zenoh."""
 
-    may_drop_frames = False  # frames lost on the link are counted from the units' numbers
+    # Capture times are the origin's: a gap between them is a frame lost on the way (at the
+    # origin, in the bridge's queue or on the link), counted as a drop at the source.
+    may_drop_frames = True
     _session: Any = None
     _relay: Optional[ResultRelay] = None
 
