@@ -42,6 +42,7 @@ import framebroker as fb
 from framebroker import testpattern
 from framebroker._process import framebroker_command
 from framebroker._status import describe_stream
+from recorder_realtime import wait_streaming  # bench/ is this script's folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RELAY = Path(__file__).resolve().parent / "rtsp_relay.py"
@@ -75,16 +76,6 @@ def process_tree_cpu(pid: int) -> float:
                 tree.add(child)
                 frontier.append(child)
     return sum(times.get(p, 0.0) for p in tree)
-
-
-def wait_streaming(name: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = describe_stream(name)
-        if info["state"] == "streaming" and info.get("seq", 0) > 0:
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"stream {name} did not start streaming within {timeout} s: {describe_stream(name)}")
 
 
 class OriginClock:
@@ -174,7 +165,7 @@ def run_path(path: str, origin: str, args: argparse.Namespace, clock: OriginCloc
                 raise SystemExit(f"the RTSP relay did not start: {line}")
             start("recorder", framebroker_command("record", origin, "-o", f"udp://127.0.0.1:{udp}", "--encoder", args.encoder))
             start("remote serve", framebroker_command("serve", f"rtsp://127.0.0.1:{rtsp}/{origin}?latency=0", "--name", remote))
-        wait_streaming(remote)
+        wait_streaming(remote, timeout=60.0)
         time.sleep(args.warmup)
         before = {role: process_tree_cpu(proc.pid) for role, proc in roles.items()}
         started = time.monotonic()
