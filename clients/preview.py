@@ -154,6 +154,7 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors
                 f"{stream['slots']} slots ({stream['shm_bytes'] / (1 << 20):.1f} MiB), mode {stream['mode']}",
             ),
         ]
+        facts += _remote_facts(stream)
         parts.append('<table class="facts">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
         readers = stream["readers"]
         parts.append(f"<h3>readers ({len(readers)})</h3>")
@@ -188,6 +189,23 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors
         '<a href="metrics">metrics</a> &middot; <a href="status.json">status.json</a></p>'
     )
     return "\n".join(parts)
+
+
+def _remote_facts(stream: dict[str, Any]) -> list[tuple[str, str]]:
+    """A stream served from another machine (``zenoh://``): where from, the link, its latency."""
+    info = stream.get("info")
+    remote = info.get("remote") if isinstance(info, dict) else None
+    if not isinstance(remote, dict):
+        return []
+    latency = remote.get("latency_p50_ms")
+    return [
+        ("origin", f"{remote.get('origin')} ({remote.get('origin_state')}) over zenoh {remote.get('key')}"),
+        (
+            "link",
+            f"{remote.get('link')}, {remote.get('peers')} peers, capture to here "
+            f"{'-' if latency is None else f'{latency:.1f} ms'} (p50), {remote.get('lost')} units lost",
+        ),
+    ]
 
 
 def _supervised_fragment(supervisors: list) -> list[str]:

@@ -23,7 +23,7 @@ from ._replay import Replay
 from ._retry_log import RetryLog
 from ._segment import resolve_group
 from ._status import describe_readers
-from .sources import GeometryChanged, Source, make_source, parse_source
+from .sources import GeometryChanged, Source, SourceRenumbered, make_source, parse_source
 from .sources._file import FileSource
 
 log = logging.getLogger("framebroker.serve")
@@ -59,6 +59,7 @@ class Daemon:
         self.source: Source = make_source(
             self.spec, width=width, height=height, fps=fps, pixel_format=pixel_format, stop=self.stop, pace=pace
         )
+        self.source.stream = name
         # Everything that can be wrong with the arguments is found here, before anything starts,
         # so the CLI can report it as a usage error (exit 2).
         check_shape(self.source.provisional_shape(), pixel_format)
@@ -92,23 +93,10 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until stopped (0), until a finite source ends (0); errors at start raise."""
-        source = self.source
         replay = self.replay
         if replay is not None:
             replay.load()  # a damaged index or results file is reported before anything is served
-        self.publisher = Publisher(
-            self.name,
-            source.provisional_shape(),
-            source.requested_fps or 0.0,
-            format=self.pixel_format,
-            slots=self.slots,
-            group=self.group,
-            max_shm=self.max_shm,
-            shrink_after=self.shrink_after,
-            source=self.spec.display,
-        )
-        publisher = self.publisher
-        publisher.set_info(format=self.pixel_format, group=self.group or "", slots=self.slots)
+        self.publisher = publisher = self._new_publisher()
         log.info(
             "serving %s as stream %r (%d slots, %s)",
             self.spec.display,
@@ -124,8 +112,24 @@ class Daemon:
             if replay is not None:
                 replay.close()
             self._close_source()
-            publisher.close()
+            self.publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
+
+    def _new_publisher(self) -> Publisher:
+        source = self.source
+        publisher = Publisher(
+            self.name,
+            source.provisional_shape(),
+            source.requested_fps or 0.0,
+            format=self.pixel_format,
+            slots=self.slots,
+            group=self.group,
+            max_shm=self.max_shm,
+            shrink_after=self.shrink_after,
+            source=self.spec.display,
+        )
+        publisher.set_info(format=self.pixel_format, group=self.group or "", slots=self.slots)
+        return publisher
 
     def _loop(self, publisher: Publisher) -> int:
         """Open the source, pump its frames, and on any failure retry with backoff until stopped.
@@ -156,6 +160,7 @@ class Daemon:
                 )
                 publisher.set_geometry(source.shape, self.pixel_format)
                 publisher.set_fps(source.fps)
+                self._show_source_info(publisher)
                 self._pump(publisher)
             except SourceEnded as exc:
                 log.info("source ended: %s", exc)
@@ -163,6 +168,12 @@ class Daemon:
                     break  # stopped while the last frame waited for its readers
                 publisher.set_state("ended", str(exc))
                 return 0
+            except SourceRenumbered as exc:
+                # As when a daemon restarts: a new ring, which readers attach to by themselves.
+                log.info("%s: serving a new ring", exc)
+                self._close_source()
+                publisher.close()
+                self.publisher = publisher = self._new_publisher()
             except Exception as exc:  # noqa: BLE001 - the daemon outlives whatever its source does
                 self._close_source()
                 if self.stop.is_set():
@@ -178,6 +189,7 @@ class Daemon:
                 retry_log.failed(what, failures, backoff)
                 reason = f"{what} (attempt {failures}, next in {backoff:.1f} s)"
                 publisher.set_state("reconnecting" if publisher.seq or failures > 1 else "starting", reason)
+                self._show_source_info(publisher)
                 if self.stop.wait(backoff):
                     break
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -204,6 +216,8 @@ class Daemon:
                     writer.timestamp_ns = stamp
                     if replay is not None:
                         replay.before_publish(publisher, writer)
+                    if source.frame_origin is not None:  # another machine's frame: its seq and wall time
+                        writer.seq, writer.wall_time = source.frame_origin
             except GeometryChanged as change:
                 log.info("source changed size to %dx%d", change.shape[1], change.shape[0])
                 publisher.set_geometry(change.shape, self.pixel_format)
@@ -221,11 +235,20 @@ class Daemon:
             previous_ns = stamp_ns
             self._log_reader_changes(publisher)
 
+    def _show_source_info(self, publisher: Publisher) -> None:
+        info = self.source.info()
+        if info:
+            try:
+                publisher.set_info(**info)
+            except ValueError as exc:  # more than the header holds: status goes without it
+                log.debug("source info not shown in status: %s", exc)
+
     def _log_reader_changes(self, publisher: Publisher) -> None:
         now = time.monotonic()
         if now < self._next_reader_scan:
             return
         self._next_reader_scan = now + 1.0
+        self._show_source_info(publisher)
         current = {}
         for reader in describe_readers(publisher._segment):  # type: ignore[arg-type]
             current[(reader["pid"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"

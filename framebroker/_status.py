@@ -320,6 +320,7 @@ def render_table(document: dict[str, Any]) -> str:
         )
         lines.extend(_growth_lines(stream))
         lines.extend(_replay_lines(stream))
+        lines.extend(_link_lines(stream))
         readers = stream["readers"]
         if not readers:
             lines.append("  no readers")
@@ -373,6 +374,28 @@ def _replay_lines(stream: dict[str, Any]) -> list[str]:
         names = ", ".join(f"{r['name']!r} (pid {r['pid']}, took frame {r['last_seq']})" for r in waiting)
         more = replay.get("waiting_count", len(waiting)) - len(waiting)
         lines.append(f"  lockstep: waiting {replay.get('waiting_s', 0.0):.1f} s for {names}{f' and {more} more' if more > 0 else ''}")
+def _link_lines(stream: dict[str, Any]) -> list[str]:
+    """Zenoh links (``framebroker bridge``, ``serve zenoh://``): a remote stream's origin, link and
+    latency from capture there to publish here; a bridge's remotes, their latency and losses."""
+    lines = []
+    info = stream.get("info")
+    remote = info.get("remote") if isinstance(info, dict) else None
+    if isinstance(remote, dict):
+        latency = "-" if remote.get("latency_p50_ms") is None else f"{remote['latency_p50_ms']:.1f}/{remote.get('latency_p99_ms', 0):.1f} ms"
+        lines.append(
+            f"  remote: from {remote.get('origin')} ({remote.get('origin_state')}) over zenoh {remote.get('key')}   "
+            f"link {remote.get('link')} ({remote.get('peers')} peers)   capture to here p50/p99 {latency}   "
+            f"lost on link {remote.get('lost')}   skipped to keyframe {remote.get('skipped')}"
+        )
+    for reader in stream.get("readers", []):
+        bridge = reader.get("info")
+        if not (isinstance(bridge, dict) and bridge.get("out") == "zenoh" and "link" in bridge):
+            continue
+        latency = "-" if bridge.get("remote_ms") is None else f"{bridge['remote_ms']:.1f} ms"
+        lines.append(
+            f"  bridge pid {reader['pid']}: zenoh framebroker/{stream['name']}/video   link {bridge['link']} ({bridge.get('peers')} peers, "
+            f"{bridge.get('remotes')} remotes)   capture to remote p50 {latency}   lost on link {bridge.get('lost')}"
+        )
     return lines
 
 

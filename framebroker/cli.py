@@ -1,7 +1,7 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
+Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (bridge, faces, motion,
+read, record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
 ``clients/`` folder) and use only the public API. A client module is imported only when its
 command is parsed: ``framebroker --help`` lists every command from ``CLIENT_COMMANDS`` alone,
 and ``framebroker record --help`` imports the recorder to show its options.
@@ -43,6 +43,7 @@ CLIENT_COMMANDS = {
     "record": ("recorder", "recorder: H.264 with true timestamps, to a file (.ts, .mp4, .mkv), segments, UDP or SRT, and event clips"),
     "view": ("preview", "browser preview: live picture with the models' boxes, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
+    "bridge": ("bridge", "frames (H.264), status and results of a stream to other machines through Zenoh; remotes serve zenoh://NAME"),
 }
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -119,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon that owns a camera and feeds its ring (foreground)",
         description=(
             "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
-            "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
-            "or gst://PIPELINE. A file must exist at start; a camera or server that is not there (yet) or fails is "
+            "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200), "
+            "gst://PIPELINE or zenoh://STREAM?connect=tcp/HOST:7447 (a stream framebroker bridge publishes on another "
+            "machine). A file must exist at start; a camera or server that is not there (yet) or fails is "
             "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly. "
             "A file plays once (?loop=1: again and again) at the --pace chosen."
         ),
