@@ -55,7 +55,6 @@ SECTION_COMMANDS = ("record", "view", "bridge", "read", "faces", "motion")
 # version" instead of "unknown": commands, and serve's options (as keys).
 LATER = {
     "bridge": "frames and results to other machines through Zenoh",
-    "derive": "derived streams",
     "pace": "replay pacing",
     "wait_readers": "lockstep replay",
 }

@@ -13,8 +13,9 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
+from ._derive import DeriveSpec, Derivations, check_derivations
 from ._errors import FrameBrokerError, SourceEnded
 from ._layout import RingLayout
 from ._publisher import AUTO_SLOTS, DEFAULT_SLOTS, SHRINK_AFTER, Publisher, check_shape
@@ -45,6 +46,7 @@ class Daemon:
         group: Optional[str] = None,
         max_shm: Optional[int] = None,
         shrink_after: float = SHRINK_AFTER,
+        derive: Sequence[DeriveSpec] = (),
     ) -> None:
         self.stop = threading.Event()
         self.spec = parse_source(source_uri)
@@ -56,6 +58,7 @@ class Daemon:
         check_shape(self.source.provisional_shape(), pixel_format)
         RingLayout.compute(DEFAULT_SLOTS if slots == AUTO_SLOTS else slots, 0)  # type: ignore[arg-type]
         resolve_group(group)
+        self.derive = check_derivations(name, derive, slots)
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots
@@ -63,7 +66,7 @@ class Daemon:
         self.max_shm = max_shm
         self.shrink_after = shrink_after
         self.publisher: Optional[Publisher] = None
-        self._known_readers: Dict[Tuple[int, int], str] = {}
+        self._known_readers: Dict[Tuple[int, int, int], str] = {}
         self._next_reader_scan = 0.0
         self._published_since_open = False
 
@@ -97,10 +100,15 @@ class Daemon:
             publisher.slots,
             f"group {self.group}, mode 0660" if self.group else "private, mode 0600",
         )
+        derived: Optional[Derivations] = None
         try:
+            # Derived streams read the main one like any reader: the loop below does not know them.
+            derived = Derivations(publisher, self.derive, slots=self.slots, group=self.group, max_shm=self.max_shm, shrink_after=self.shrink_after)
             return self._loop(publisher)
         finally:
             self._close_source()
+            if derived is not None:
+                derived.close()
             publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
 
@@ -198,7 +206,7 @@ class Daemon:
         self._next_reader_scan = now + 1.0
         current = {}
         for reader in describe_readers(publisher._segment):  # type: ignore[arg-type]
-            current[(reader["pid"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"
+            current[(reader["pid"], reader["entry"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"
         for key in current.keys() - self._known_readers.keys():
             log.info("reader attached: %s", current[key])
         for key in self._known_readers.keys() - current.keys():
