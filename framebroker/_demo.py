@@ -1,8 +1,9 @@
 """``framebroker demo``: the whole system on the embedded test source, in separate processes.
 
-A daemon on ``test://``, the face detector, the motion detector and a plain reader each run in
-their own process, exactly as a user would start them; their output is shown with a prefix, and
-``framebroker status`` is printed every few seconds. Ctrl-C (or ``--duration``) stops the
+A daemon on ``test://`` (deriving ``NAME.faces``, the gray picture the face detector reads), the
+face detector, the motion detector and a plain reader each run in their own process, exactly as
+a user would start them; their output is shown with a prefix, and ``framebroker status`` is
+printed every few seconds. Ctrl-C (or ``--duration``) stops the
 consumers, then the daemon, each by pid, and waits for them.
 
 The output is for a person watching: each line says who speaks once (``[motion] frame 812: ...``,
@@ -82,7 +83,8 @@ def run_demo(name: str, duration: Optional[float]) -> int:
         threading.Thread(target=_pump, args=(label, process.stdout, lock), daemon=True).start()
         return process
 
-    daemon = start("daemon", "serve", "test://", "--name", name, "--width", "640", "--height", "480", "--fps", "30")
+    # The face detector reads NAME.faces, a small gray picture the daemon makes for it.
+    daemon = start("daemon", "serve", "test://", "--name", name, "--width", "640", "--height", "480", "--fps", "30", "--derive", "faces=320x240:gray")
     consumers: list[tuple[str, subprocess.Popen]] = []
     try:
         try:
