@@ -144,14 +144,6 @@ class Drawing:
         self._cv2 = cv2
         self.spec = spec
         self._scratch: Optional[np.ndarray] = None
-        self._conversions = {
-            ("bgr", "rgb"): cv2.COLOR_BGR2RGB,
-            ("rgb", "bgr"): cv2.COLOR_RGB2BGR,
-            ("bgr", "gray"): cv2.COLOR_BGR2GRAY,
-            ("rgb", "gray"): cv2.COLOR_RGB2GRAY,
-            ("gray", "bgr"): cv2.COLOR_GRAY2BGR,
-            ("gray", "rgb"): cv2.COLOR_GRAY2RGB,
-        }
 
     def placement(self, shape: Tuple[int, ...]) -> Placement:
         return Placement.fit((shape[1], shape[0]), (self.spec.width, self.spec.height), self.spec.mode)
@@ -163,15 +155,15 @@ class Drawing:
         tx, ty, tw, th = placement.target
         region = image[sy : sy + sh, sx : sx + sw]
         target = out[ty : ty + th, tx : tx + tw]
-        conversion = self._conversions.get((image_format, self.spec.format))
-        if conversion is None:
+        if image_format == self.spec.format:
             cv2.resize(region, (tw, th), dst=target, interpolation=cv2.INTER_LINEAR)
         else:
             resized = self._scratch_for((th, tw) + region.shape[2:])
             cv2.resize(region, (tw, th), dst=resized, interpolation=cv2.INTER_LINEAR)
-            cv2.cvtColor(resized, conversion, dst=target)
-        if not placement.fills_target:
-            # The bars, every time: the slot may hold a frame drawn with another placement.
+            # COLOR_BGR2RGB, COLOR_RGB2GRAY, COLOR_GRAY2BGR, ...: every pair of the three formats.
+            cv2.cvtColor(resized, getattr(cv2, f"COLOR_{image_format.upper()}2{self.spec.format.upper()}"), dst=target)
+        if (tx, ty, tw, th) != (0, 0, out.shape[1], out.shape[0]):
+            # Letterbox bars, every time: the slot may hold a frame drawn with another placement.
             out[:ty] = 0
             out[ty + th :] = 0
             out[ty : ty + th, :tx] = 0
@@ -217,7 +209,7 @@ class Deriver:
                 format=spec.format,
                 group=ring.get("group") or "",
                 slots=ring.get("slots"),
-                **{INFO_KEY: {"from": main.stream, "name": spec.name, "mode": spec.mode, "placements": []}},
+                **{INFO_KEY: self._derived_info([])},
             )
             # Attached now, before the first main frame: the derived stream starts with it.
             self._reader = Reader(main.stream, name=f"derive {spec.name}")
@@ -258,7 +250,7 @@ class Deriver:
         assert reader is not None and publisher is not None
         last_seq = 0
         shape: Tuple[int, ...] = ()
-        placement: Optional[Placement] = None
+        placement = Placement((0, 0, 1, 1), (0, 0, 1, 1))  # replaced before the first frame
         next_rate = 0.0
         while not self._stop.is_set():
             try:
@@ -269,11 +261,16 @@ class Deriver:
             except SourceEnded as exc:
                 publisher.set_state("ended", str(exc))
                 return
+            except Exception:  # noqa: BLE001 - a derived stream that fails must not end the daemon
+                self._log_failure("reading the main stream")
+                self._stop.wait(STOP_CHECK)
+                continue
             try:
                 with frame:
-                    if frame.shape != shape or placement is None:
-                        shape, placement = frame.shape, self._drawing.placement(frame.shape)
-                        self._record_placement(publisher, frame.seq, placement)
+                    if frame.shape != shape:
+                        changed = self._drawing.placement(frame.shape)
+                        self._record_placement(publisher, frame.seq, changed)
+                        shape, placement = frame.shape, changed
                     if last_seq and frame.seq > last_seq + 1:
                         publisher.add_source_drops(frame.seq - last_seq - 1)
                     writer = publisher.slot(frame.timestamp_ns)
@@ -281,26 +278,35 @@ class Deriver:
                         writer.seq, writer.wall_time = frame.seq, frame.wall_time
                         self._drawing.draw(frame.array, frame.format, placement, out)
                 last_seq = frame.seq
-            except Exception:  # noqa: BLE001 - a derived stream that fails must not end the daemon
-                now = time.monotonic()
-                if now - self._last_error_log >= ERROR_LOG_EVERY:
-                    self._last_error_log = now
-                    log.error("%s: drawing frame %d failed; skipping it", self.stream, frame.seq, exc_info=True)
+            except Exception:  # noqa: BLE001 - as above; the frame counts as skipped
+                self._log_failure(f"drawing frame {frame.seq}")
                 continue
             now = time.monotonic()
             if now >= next_rate:
                 next_rate = now + RATE_EVERY
                 publisher.set_fps(reader.fps)
 
+    def _log_failure(self, what: str) -> None:
+        """With its traceback, at most every ERROR_LOG_EVERY seconds: a failure that repeats with
+        every frame must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_EVERY:
+            self._last_error_log = now
+            log.error("%s: %s failed; going on with the next frame", self.stream, what, exc_info=True)
+
     def _record_placement(self, publisher: Publisher, seq: int, placement: Placement) -> None:
         """Write the placement into the ring's header before the first frame drawn with it."""
-        self._placements.append(placement.as_record(seq))
-        del self._placements[:-PLACEMENTS_KEPT]
-        publisher.set_info(**{INFO_KEY: {"from": self._main.stream, "name": self.spec.name, "mode": self.spec.mode, "placements": self._placements}})
+        placements = (self._placements + [placement.as_record(seq)])[-PLACEMENTS_KEPT:]
+        publisher.set_info(**{INFO_KEY: self._derived_info(placements)})
+        self._placements = placements
         if len(self._placements) > 1:
             sx, sy, sw, sh = placement.source
             tx, ty, tw, th = placement.target
             log.info("%s: from frame %d, main %dx%d+%d+%d drawn at %dx%d+%d+%d", self.stream, seq, sw, sh, sx, sy, tw, th, tx, ty)
+
+    def _derived_info(self, placements: List[List[int]]) -> Dict[str, Any]:
+        """What the ring's header says about this derived stream (``_placement.py``)."""
+        return {"from": self._main.stream, "name": self.spec.name, "mode": self.spec.mode, "placements": placements}
 
     def _follow_main_state(self, publisher: Publisher) -> None:
         """No main frame for a while: say what the main stream says (reconnecting, and why)."""

@@ -69,11 +69,6 @@ class Placement:
             return cls((left, top, crop_width, crop_height), (0, 0, out_width, out_height))
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
-    @property
-    def fills_target(self) -> bool:
-        """True unless the target rectangle leaves bars (letterbox)."""
-        return self.target[0] == 0 and self.target[1] == 0
-
     def to_source(self, box: Sequence[float]) -> List[float]:
         """A box in derived-frame pixels, in main-frame pixels."""
         return _map(box, self.target, self.source)

@@ -36,8 +36,7 @@ from ._layout import (
     StreamState,
     decode_text,
 )
-from ._placement import INFO_KEY as DERIVED_INFO_KEY
-from ._placement import placement_of
+from ._placement import INFO_KEY as DERIVED_INFO_KEY, placement_of
 from ._reader import RATE_WINDOW_NS
 from ._results import model_ring_names
 from ._segment import Segment, list_stream_names, open_segment

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         type=_derive_spec,
         metavar="NAME=WxH[:FORMAT][:MODE]",
-        help="also publish the stream NAME.<NAME> (e.g. cam0.lores): every frame resized to WxH once, in the daemon, "
+        help="also publish the stream <--name>.NAME (e.g. cam0.lores): every frame resized to WxH once, in the daemon, "
         "for every reader that needs it; FORMAT bgr (default), rgb or gray; MODE stretch (default), letterbox "
         "(whole picture, black bars) or crop (centre, filled). Same seq and timestamps as the main frame; "
         "frame.source_box() maps boxes back. Repeatable: --derive lores=640x360:rgb --derive det=640x640:rgb:letterbox",

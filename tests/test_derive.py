@@ -43,20 +43,10 @@ EVERY_MODE_AND_FORMAT = {
     "cgray": ("200x300:gray:crop", (160, 0, 320, 480), (0, 0, 200, 300)),
 }
 
-_TO = {
-    ("bgr", "rgb"): cv2.COLOR_BGR2RGB,
-    ("rgb", "bgr"): cv2.COLOR_RGB2BGR,
-    ("bgr", "gray"): cv2.COLOR_BGR2GRAY,
-    ("rgb", "gray"): cv2.COLOR_RGB2GRAY,
-    ("gray", "bgr"): cv2.COLOR_GRAY2BGR,
-    ("gray", "rgb"): cv2.COLOR_GRAY2RGB,
-}
-
-
 def reference(main: np.ndarray, main_format: str, size: Tuple[int, int], fmt: str, source: Rect, target: Rect) -> np.ndarray:
     """The derived frame as cv2 makes it the other way round (colours first, then the size), on
     a black canvas: the daemon's result must equal it within rounding."""
-    picture = main if main_format == fmt else cv2.cvtColor(main, _TO[(main_format, fmt)])
+    picture = main if main_format == fmt else cv2.cvtColor(main, getattr(cv2, f"COLOR_{main_format.upper()}2{fmt.upper()}"))
     sx, sy, sw, sh = source
     tx, ty, tw, th = target
     canvas = np.zeros((size[1], size[0]) + picture.shape[2:], np.uint8)
@@ -165,6 +155,8 @@ def test_source_box_finds_a_known_object_in_the_main_frame(env, spec, inside):
             # An edge found to half a derived pixel is a main pixel or two out (scale 0.47 and 0.63).
             assert np.allclose(mapped, [x, y, side, side], atol=2.5), (frame, found, mapped, (x, y, side))
             checked += 1
+        reader.close()  # the frame's ring is left: its mapping comes from the one serving the stream now
+        assert frame.released and np.allclose(frame.source_box(found), mapped)
         rng = random.Random(frame.seq)
         for _ in range(20):
             box = [rng.uniform(-50, 700), rng.uniform(-50, 500), rng.uniform(0, 300), rng.uniform(0, 300)]
@@ -284,10 +276,14 @@ def test_sigterm_leaves_nothing_of_the_main_or_derived_streams(env):
     with fb.Reader(f"{name}.a", name="holder") as reader:
         frame = reader.next(timeout=5)
         assert any(entry.startswith(f"framebroker.{name}.a") for entry in shm_of(name))
+        held = frame.source_box([0, 0, 320, 240])
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0, daemon.output()
         assert shm_of(name) == []
         assert frame.array.shape == (240, 320, 3)  # a frame held stays readable
+        assert frame.source_box([0, 0, 320, 240]) == held == [0.0, 0.0, 640.0, 480.0]  # its reader still has the header
+    with pytest.raises(fb.StreamNotFound, match="came from a daemon that is gone"):
+        frame.source_box([0, 0, 320, 240])
     assert any(f"{name}.a: stopped, its ring removed" in line for line in daemon.stderr), daemon.output()
 
 
