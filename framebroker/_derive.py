@@ -23,7 +23,9 @@ own thread.
 
 A note on threads: one per derived stream. Each runs only while it converts, so two derived
 streams convert at once on two cores, and a slow one (a large letterbox) holds back nobody but
-itself. OpenCV's own thread pool is set to one thread in a daemon that derives (unless
+itself. They run at a lower priority (nice +10, per thread): a derived frame arrives when a
+core is free, never ahead of the capture thread or of the main stream's readers, which wake at
+the same moment. OpenCV's own thread pool is set to one thread in a daemon that derives (unless
 ``OPENCV_FOR_THREADS_NUM`` says otherwise): split over the pool, a resize costs more CPU in all
 and takes the cores the capture thread needs at the moment a frame is published
 (``bench/derive_cost.py`` measures both).
@@ -58,6 +60,7 @@ MAX_SIDE = 16384
 # daemon's stop waits at most this plus one conversion.
 STOP_CHECK = 0.25
 RATE_EVERY = 1.0  # how often a deriver copies the main stream's frame rate (s)
+NICENESS = 10  # how much lower than the daemon's the derivers' scheduling priority is (see the note on threads)
 ERROR_LOG_EVERY = 10.0  # a conversion that keeps failing is logged at most this often (s)
 
 
@@ -248,6 +251,12 @@ class Deriver:
     def _run(self) -> None:
         reader, publisher = self._reader, self._publisher
         assert reader is not None and publisher is not None
+        try:
+            # Linux schedules threads on their own: this lowers this thread, not the daemon.
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + NICENESS)
+        except OSError:
+            log.debug("%s: could not lower the deriving thread's priority", self.stream, exc_info=True)
         last_seq = 0
         shape: Tuple[int, ...] = ()
         placement = Placement((0, 0, 1, 1), (0, 0, 1, 1))  # replaced before the first frame
