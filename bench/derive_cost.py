@@ -48,7 +48,7 @@ from framebroker._process import framebroker_command  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1920, 1080, 30
 MODEL_SIZE = (640, 360)
-WARMUP = 4.0
+WARMUP = 4.0  # seconds every process runs before the window opens (--warmup)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,7 +131,7 @@ def _stop(process: subprocess.Popen) -> str:
     return out
 
 
-def run_scenario(scenario: Scenario, seconds: float) -> Dict[str, Any]:
+def run_scenario(scenario: Scenario, seconds: float, warmup: float) -> Dict[str, Any]:
     name = f"fbbench-derive-{uuid.uuid4().hex[:6]}"
     serve = ["serve", "test://", "--name", name, "--width", str(WIDTH), "--height", str(HEIGHT), "--fps", str(FPS)]
     if scenario.derive:
@@ -149,7 +149,7 @@ def run_scenario(scenario: Scenario, seconds: float) -> Dict[str, Any]:
         children.append(latency_probe)
         for child in children:
             _wait_ready(child)
-        time.sleep(WARMUP)
+        time.sleep(warmup)
         measured = [daemon] + models
         start_cpu = {p.pid: cpu_seconds(p.pid) for p in measured}
         start_probe = cpu_seconds(latency_probe.pid)
@@ -166,7 +166,7 @@ def run_scenario(scenario: Scenario, seconds: float) -> Dict[str, Any]:
         outputs = [_stop(child) for child in children]
         _stop(daemon)
     latencies = json.loads(outputs[-1].strip().splitlines()[-1])["latency_ns"]
-    latencies = latencies[int(len(latencies) * WARMUP / (WARMUP + seconds)) :]
+    latencies = latencies[int(len(latencies) * warmup / (warmup + seconds)) :]
     frames = [json.loads(out.strip().splitlines()[-1])["frames"] for out in outputs[:-1]]
     return {
         "label": scenario.label,
@@ -246,6 +246,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring window per scenario (default 20)")
     parser.add_argument("--readers", type=int, default=4, help="models (default 4)")
+    parser.add_argument("--warmup", type=float, default=WARMUP, help=f"seconds before each window (default {WARMUP:g})")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "derive_cost.json"), help="where the summary goes")
     parser.add_argument("--role", choices=["model", "probe"], help=argparse.SUPPRESS)
     parser.add_argument("--convert", action="store_true", help=argparse.SUPPRESS)
@@ -265,7 +266,7 @@ def main() -> int:
     results = []
     for scenario in scenarios:
         print(f"{scenario.label} ...", file=sys.stderr, flush=True)
-        results.append(run_scenario(scenario, args.seconds))
+        results.append(run_scenario(scenario, args.seconds, args.warmup))
     costs = copy_or_lease()
     each = next(r for r in results if r["label"] == "each converts")
     main_only = next(r for r in results if r["label"] == "main only")

@@ -8,6 +8,8 @@ import os
 import random
 import signal
 import statistics
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import cv2
@@ -22,6 +24,7 @@ from framebroker._status import describe_stream
 from conftest import wait_until
 from test_sources import require_gstreamer, start_rtsp_server
 
+REPOSITORY = Path(__file__).resolve().parent.parent
 MAIN = (640, 480)  # the main stream's width and height in these tests
 Rect = Tuple[int, int, int, int]
 
@@ -355,3 +358,23 @@ def test_faces_reads_the_derived_gray_stream_or_converts_itself(env):
     help_text = " ".join(env.run_cli("faces", "--help").stdout.split())
     assert "read the derived stream NAME.D (default faces: a gray picture the daemon makes once" in help_text
     assert "--derive faces=640x360:gray" in help_text
+
+
+def test_the_benchmark_runs_and_reports(env, tmp_path):
+    """bench/derive_cost.py for a second per scenario: an instrument that works, no figure judged."""
+    summary = tmp_path / "derive_cost.json"
+    bench = env.spawn(
+        [sys.executable, str(REPOSITORY / "bench" / "derive_cost.py"), "--seconds", "1", "--warmup", "0.5", "--readers", "1", "--json", str(summary)],
+        label="derive_cost",
+    )
+    assert bench.wait(timeout=180) == 0, bench.output()
+    document = json.loads(summary.read_text())
+    labels = [scenario["label"] for scenario in document["scenarios"]]
+    assert labels == ["main only", "each converts", "derived", "derived, OpenCV pool"]
+    for scenario in document["scenarios"]:
+        assert scenario["main_fps"] > 0 and scenario["latency_samples"] > 0, scenario
+        assert all(frames > 0 for frames in scenario["reader_frames"]), scenario
+    assert set(document["per_frame_us"]) == {"lease_us", "copy_us", "convert_us"}
+    assert any(line.startswith("| derived | ") for line in bench.stdout), bench.output()
+    ours = tuple(f"{kind}fbbench-{what}-" for kind in ("framebroker.", "sem.framebroker.") for what in ("derive", "lease"))
+    assert not [entry for entry in os.listdir("/dev/shm") if entry.startswith(ours)]
