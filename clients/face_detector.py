@@ -3,10 +3,11 @@
 Reads the gray picture the daemon derives for it, ``NAME.faces`` (``serve --derive
 faces=640x360:gray``: resized and converted once in the daemon, for every model that wants it),
 and reports boxes in the pixels of the main stream NAME (``frame.source_box``). A daemon that
-derives no such stream is read directly, each frame converted here. Reads the freshest frame each time it is ready for one (``for frame in reader``), so a slow
-detector never falls behind the camera: it skips frames instead. Prints a line when the number
-of faces in view changes (with the frame's number and the boxes), and once a second what it
-analysed: frames per second, how many had faces, and how old a frame is when its result is ready.
+derives no such stream is read directly, each frame converted here. Reads the freshest frame each
+time it is ready for one (``for frame in reader``), so a slow detector never falls behind the
+camera: it skips frames instead. Prints a line when the number of faces in view changes (with the
+frame's number and the boxes), and once a second what it analysed: frames per second, how many had
+faces, and how old a frame is when its result is ready.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from typing import Optional, Tuple
 
 import framebroker as fb
-
 from framebroker.arguments import stream_name
 
 from ._common import Every, add_wait_option, age_ms, exit_on_sigterm, fresh_frames, open_reader, say

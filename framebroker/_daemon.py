@@ -103,7 +103,9 @@ class Daemon:
         derived: Optional[Derivations] = None
         try:
             # Derived streams read the main one like any reader: the loop below does not know them.
-            derived = Derivations(publisher, self.derive, slots=self.slots, group=self.group, max_shm=self.max_shm, shrink_after=self.shrink_after)
+            derived = Derivations(
+                publisher, self.derive, slots=self.slots, group=self.group, max_shm=self.max_shm, shrink_after=self.shrink_after
+            )
             return self._loop(publisher)
         finally:
             self._close_source()

@@ -1,10 +1,10 @@
 """``framebroker demo``: the whole system on the embedded test source, in separate processes.
 
 A daemon on ``test://`` (deriving ``NAME.faces``, the gray picture the face detector reads), the
-face detector, the motion detector and a plain reader each run in their own process, exactly as
-a user would start them; their output is shown with a prefix, and ``framebroker status`` is
-printed every few seconds. Ctrl-C (or ``--duration``) stops the
-consumers, then the daemon, each by pid, and waits for them.
+face detector, the motion detector and a plain reader each run in their own process, exactly as a
+user would start them; their output is shown with a prefix, and ``framebroker status`` is printed
+every few seconds. Ctrl-C (or ``--duration``) stops the consumers, then the daemon, each by pid,
+and waits for them.
 
 The output is for a person watching: each line says who speaks once (``[motion] frame 812: ...``,
 the child's own "motion: " dropped) and the daemon's log lines lose their date and logger name.

@@ -306,7 +306,7 @@ def test_status_shows_derived_streams_under_their_main_stream(env):
     assert det["derived_from"] == name and (det["width"], det["height"], det["format"]) == (300, 300, "bgr")
     assert det["derive"] == {"name": "det", "mode": "letterbox", "from_seq": 1, "source_box": [0, 0, 640, 480], "target_box": [0, 37, 300, 225]}
     assert det["skipped"] == 0 and det["measured_fps"] > 0
-    assert [r["name"] for r in det["readers"]] == ["detector"]
+    assert [(r["name"], r["pid"]) for r in det["readers"]] == [("detector", reader.pid)]
     assert {r["name"] for r in main["readers"]} == {"derive lores", "derive det"}
     # One stream by name: the same grouping; a derived one alone says what it comes from.
     assert [d["name"] for d in fb.status(name)["streams"][0]["derived"]] == [f"{name}.det", f"{name}.lores"]
