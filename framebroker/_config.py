@@ -54,7 +54,6 @@ SECTION_COMMANDS = ("record", "view", "bridge", "read", "faces", "motion")
 # What the product documents but a version may not have yet, so that --check says "not in this
 # version" instead of "unknown": commands, and serve's options (as keys).
 LATER = {
-    "derive": "derived streams",
 }
 
 

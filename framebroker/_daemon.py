@@ -14,8 +14,9 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
+from ._derive import DeriveSpec, Derivations, check_derivations
 from ._errors import FrameBrokerError, SourceEnded
 from ._layout import MAX_SLOTS, RingLayout
 from ._publisher import AUTO_SLOTS, DEFAULT_SLOTS, SHRINK_AFTER, Publisher, check_shape
@@ -51,6 +52,7 @@ class Daemon:
         pace: Optional[str] = None,
         wait_readers: int = 0,
         results: Optional[str] = None,
+        derive: Sequence[DeriveSpec] = (),
     ) -> None:
         """``pace``, ``wait_readers`` and ``results`` (a path, or "" for the sidecar next to the
         file) are for file sources: see ``_replay.py``."""
@@ -73,6 +75,7 @@ class Daemon:
             self.replay = Replay(self.source, self.stop, wait_readers=wait_readers, results=results)
         elif wait_readers or results is not None:
             raise ValueError(f"--wait-readers and --results are for files; {self.spec.display} is a live source")
+        self.derive = check_derivations(name, derive, slots)
         self.name = name
         self.pixel_format = pixel_format
         self.slots = slots
@@ -80,7 +83,7 @@ class Daemon:
         self.max_shm = max_shm
         self.shrink_after = shrink_after
         self.publisher: Optional[Publisher] = None
-        self._known_readers: Dict[Tuple[int, int], str] = {}
+        self._known_readers: Dict[Tuple[int, int, int], str] = {}
         self._next_reader_scan = 0.0
         self._published_since_open = False
 
@@ -104,14 +107,21 @@ class Daemon:
             publisher.slots,
             f"group {self.group}, mode 0660" if self.group else "private, mode 0600",
         )
+        derived: Optional[Derivations] = None
         try:
             if replay is not None:
                 replay.start(publisher)
+            # Derived streams read the main one like any reader: the loop below does not know them.
+            derived = Derivations(
+                publisher, self.derive, slots=self.slots, group=self.group, max_shm=self.max_shm, shrink_after=self.shrink_after
+            )
             return self._loop(publisher)
         finally:
             if replay is not None:
                 replay.close()
             self._close_source()
+            if derived is not None:
+                derived.close()
             self.publisher.close()
             log.info("stopped; removed /dev/shm/framebroker.%s", self.name)
 
@@ -251,7 +261,7 @@ class Daemon:
         self._show_source_info(publisher)
         current = {}
         for reader in describe_readers(publisher._segment):  # type: ignore[arg-type]
-            current[(reader["pid"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"
+            current[(reader["pid"], reader["entry"], reader["generation"])] = f"pid {reader['pid']} {reader['name']!r}"
         for key in current.keys() - self._known_readers.keys():
             log.info("reader attached: %s", current[key])
         for key in self._known_readers.keys() - current.keys():

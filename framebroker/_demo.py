@@ -1,11 +1,12 @@
 """``framebroker demo``: the whole system on the embedded test source, in separate processes.
 
-A daemon on ``test://``, the face detector and the motion detector (each publishing its results
-as a model), a plain reader and the browser preview (which draws the models' boxes over the
-picture) each run in their own process, exactly as a user would start them; their output is
-shown with a prefix, the preview's address once, and ``framebroker status`` (streams, readers,
-models) every few seconds. Ctrl-C (or ``--duration``) stops the consumers, then the daemon, each
-by pid, and waits for them.
+A daemon on ``test://`` (deriving ``NAME.faces``, the gray picture the face detector reads),
+the face detector and the motion detector (each publishing its results as a model), a plain
+reader and the browser preview (which draws the models' boxes over the picture) each run in
+their own process, exactly as a user would start them; their output is shown with a prefix, the
+preview's address once, and ``framebroker status`` (streams, readers, models) every few
+seconds. Ctrl-C (or ``--duration``) stops the consumers, then the daemon, each by pid, and
+waits for them.
 
 The output is for a person watching, on a terminal 100 columns wide: each line says who speaks
 once (``[motion] frame 812: ...``, the child's own "motion: " dropped), the daemon's log lines
@@ -142,7 +143,10 @@ def run_demo(name: str, duration: Optional[float], port: int = 8080) -> int:
             pass
         return process, preview
 
-    daemon = start("daemon", "serve", "test://", "--name", name, "--width", "640", "--height", "480", "--fps", "30")
+    # The face detector reads NAME.faces, a small gray picture the daemon makes for it.
+    daemon = start(
+        "daemon", "serve", "test://", "--name", name, "--width", "640", "--height", "480", "--fps", "30", "--derive", "faces=320x240:gray"
+    )
     consumers: list[tuple[str, subprocess.Popen]] = []
     try:
         try:

@@ -152,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grown ring goes back to its starting size once readers have needed no more for S seconds (default 60)",
     )
     serve.add_argument("--group", help="open the stream to this group (mode 0660) instead of private (0600)")
+    serve.add_argument(
+        "--derive",
+        action="append",
+        type=_derive_spec,
+        metavar="NAME=WxH[:FORMAT][:MODE]",
+        help="also publish the stream <--name>.NAME (e.g. cam0.lores): every frame resized to WxH once, in the daemon, "
+        "for every reader that needs it; FORMAT bgr (default), rgb or gray; MODE stretch (default), letterbox "
+        "(whole picture, black bars) or crop (centre, filled). Same seq and timestamps as the main frame; "
+        "frame.source_box() maps boxes back. Repeatable: --derive lores=640x360:rgb --derive det=640x640:rgb:letterbox",
+    )
     replay = serve.add_argument_group(
         "replaying a file",
         "A file is a stream too, at its own timing or faster; a file framebroker recorded keeps its frames' seq "
@@ -296,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _derive_spec(text: str) -> Any:
+    """``--derive``: a DeriveSpec, or a usage error that says what to write."""
+    from ._derive import DeriveSpec
+
+    try:
+        return DeriveSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _version() -> str:
     from . import __version__
 
@@ -332,6 +352,7 @@ def build_daemon(args: argparse.Namespace) -> "Daemon":
             pace=args.pace,
             wait_readers=args.wait_readers,
             results=args.results,
+            derive=args.derive or (),
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
