@@ -451,6 +451,9 @@ def _replay_lines(stream: dict[str, Any]) -> list[str]:
         names = ", ".join(f"{r['name']!r} (pid {r['pid']}, took frame {r['last_seq']})" for r in waiting)
         more = replay.get("waiting_count", len(waiting)) - len(waiting)
         lines.append(f"  lockstep: waiting {replay.get('waiting_s', 0.0):.1f} s for {names}{f' and {more} more' if more > 0 else ''}")
+    return lines
+
+
 def _link_lines(stream: dict[str, Any]) -> list[str]:
     """Zenoh links (``framebroker bridge``, ``serve zenoh://``): a remote stream's origin, link and
     latency from capture there to publish here; a bridge's remotes, their latency and losses."""
