@@ -349,7 +349,7 @@ def test_faces_reads_the_derived_gray_stream_or_converts_itself(env):
     daemon, name = env.serve("test://", None, "--derive", "faces=320x240:gray")
     faces = env.cli("faces", name, "--frames", "5")
     assert faces.wait(timeout=60) == 0, faces.output()
-    assert faces.stdout[0] == f"faces: reading '{name}.faces' (derived by the daemon)", faces.output()
+    assert faces.stdout[0] == f"faces: reading '{name}.faces' (derived by the daemon), publishing as model 'faces'", faces.output()
     wait_until(lambda: describe_stream(f"{name}.faces")["frames"] > 0, 5, "derived frames")
     plain, plain_name = env.serve("test://")
     faces = env.cli("faces", plain_name, "--frames", "5")
