@@ -389,6 +389,12 @@ class ResultWriter:
     def _frame(self, frame: Union[Frame, int], timestamp_ns: Optional[int], need_time: bool) -> tuple:
         """(seq, the daemon's epoch, capture timestamp_ns, wall time) of the frame a result is for."""
         if isinstance(frame, Frame):
+            if frame.stream.startswith(self._stream + "."):
+                raise ValueError(
+                    f"frame {frame.seq} is from the derived stream {frame.stream!r}: publish its result on {self._stream!r} "
+                    "by seq, publish(frame.seq, data, timestamp_ns=frame.timestamp_ns, wall_time=frame.wall_time), "
+                    "with its boxes mapped to the main frame through frame.source_box(box)"
+                )
             if frame.stream != self._stream:
                 raise ValueError(f"frame {frame.seq} is from stream {frame.stream!r}, this writer publishes on {self._stream!r}")
             if timestamp_ns is not None:
