@@ -356,14 +356,23 @@ def test_each_models_boxes_are_drawn_on_the_frame_they_were_computed_on(env, tmp
         wait_until(lambda: {r["model"] for r in (browser.shown() or {}).get("results", [])} == {"square", "decoy"}, 30, "both models drawn")
         browser.evaluate('document.querySelector("input[data-model=decoy]").click()')
         wait_until(lambda: [r["model"] for r in browser.shown()["results"]] == ["square"], 10, "the decoy model toggled off")
-        checked = 0
-        while checked < 3:
+        checked = late = 0
+        for _ in range(60):
+            if checked == 3:
+                break
             shown = browser.shown()
             page = browser.screenshot()
             x, y, number = locate_picture(page)
+            if browser.shown()["seq"] != shown["seq"] or shown["seq"] != number:
+                continue  # the page drew another frame while the screenshot was taken
             expected = square(number, *FRAME)
             if not (LINE <= expected[0] and expected[0] + expected[2] + LINE <= FRAME[1]):
                 continue  # the square touches the picture's edge: its outline is cut off
+            if not shown["results"][0]["exact"]:
+                # The result came later than the page waits (a machine starved of CPU): it drew
+                # the model's previous result, dashed, as documented. Not what this test checks.
+                late += 1
+                continue
             drawn = drawn_box(page, (x, y), colour, expected[2])
             assert drawn is not None, f"no box of model 'square' on frame {number} (the page reports {shown})"
             assert all(abs(a - b) <= 2 for a, b in zip(drawn, expected)), f"frame {number}: box drawn at {drawn}, the square is at {expected}"
@@ -372,6 +381,7 @@ def test_each_models_boxes_are_drawn_on_the_frame_they_were_computed_on(env, tmp
             held = shown["heldMs"]
             assert 0 < held <= 1000, shown
             checked += 1
+        assert checked == 3, f"only {checked} frames drawn with their own result ({late} with a late one)"
 
         status = browser.evaluate('document.getElementById("status").innerText')
         assert "models (2)" in status and "square" in status and " ms" in status, status
