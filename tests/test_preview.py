@@ -362,20 +362,20 @@ def test_each_models_boxes_are_drawn_on_the_frame_they_were_computed_on(env, tmp
                 break
             shown = browser.shown()
             page = browser.screenshot()
+            after = browser.shown()
             x, y, number = locate_picture(page)
-            if browser.shown()["seq"] != shown["seq"] or shown["seq"] != number:
-                continue  # the page drew another frame while the screenshot was taken
             expected = square(number, *FRAME)
             if not (LINE <= expected[0] and expected[0] + expected[2] + LINE <= FRAME[1]):
                 continue  # the square touches the picture's edge: its outline is cut off
-            if not shown["results"][0]["exact"]:
-                # The result came later than the page waits (a machine starved of CPU): it drew
-                # the model's previous result, dashed, as documented. Not what this test checks.
-                late += 1
-                continue
             drawn = drawn_box(page, (x, y), colour, expected[2])
             assert drawn is not None, f"no box of model 'square' on frame {number} (the page reports {shown})"
-            assert all(abs(a - b) <= 2 for a, b in zip(drawn, expected)), f"frame {number}: box drawn at {drawn}, the square is at {expected}"
+            if not all(abs(a - b) <= 2 for a, b in zip(drawn, expected)):
+                # Allowed only where the page says it drew this frame with the model's previous
+                # result (dashed: the result came later than it waits, on a machine starved of CPU).
+                states = [state for state in (shown, after) if state["seq"] == number]
+                assert states and not states[0]["results"][0]["exact"], f"frame {number}: box drawn at {drawn}, the square is at {expected}"
+                late += 1
+                continue
             assert drawn_box(page, (x, y), decoy_colour, expected[2]) is None, "the decoy model is toggled off"
             assert [r["model"] for r in shown["results"]] == ["square"]
             held = shown["heldMs"]
