@@ -3,6 +3,7 @@
     framebroker record cam0 -o cam0.ts --duration 60      # or cam0.mp4 (fragmented), cam0.mkv
     framebroker record cam0 --segment 60 --dir /var/lib/cams --keep 1440
     framebroker record cam0 -o udp://192.168.1.50:5000 --text "TX2 DEMO" --clock
+    framebroker record cam0 -o cam0.ts -o rtsp://127.0.0.1:8554/cam0 -o 'srt://nvr:9000?passphrase=${SRT_PASS}'
     framebroker record cam0 --clips /var/lib/clips --pre-roll 5 --post-roll 5   # + framebroker trigger cam0
     framebroker record cam0 -o cam0.ts --results                # + cam0.results.jsonl: every model's results
     framebroker record cam0 --clips /var/lib/clips --trigger-on faces --trigger-on detector:person>=0.6
@@ -14,7 +15,9 @@ The package, one job per module:
 * ``h264``: NAL units of the byte stream; SPS/PPS in front of every keyframe.
 * ``selection``: choosing the encoder by a test encode.
 * ``lifecycle``: the start/stop states encoders and outputs share.
-* ``outputs``: a .ts, .mp4 or .mkv file, segmented .ts files with sidecar indexes, UDP, SRT.
+* ``outputs``: the ``Output`` base; a .ts, .mp4 or .mkv file, segmented .ts files with sidecar indexes.
+* ``live``: UDP, SRT and RTSP outputs, each sent from a thread of its own, reconnecting with backoff.
+* ``rtsp_publish``: the program an rtsp:// output runs in its child (FFmpeg's RTSP muxer).
 * ``clips``: the pre-roll buffer and the event clips it writes on triggers.
 * ``results``: the models' results: sidecars beside each file, burn-in, ``--trigger-on`` rules.
 * ``recorder``: the pipeline (reader thread, bounded queue, encode thread).
@@ -42,6 +45,7 @@ from framebroker.arguments import float_in, int_in, model_name
 from .._common import add_wait_option, open_reader
 from .clips import HISTORY_MARGIN_SECONDS, ClipEvent, PreRollOutput
 from .encoders import ENCODERS
+from .live import LiveOutput
 from .outputs import FileOutput, Output, SegmentedOutput, make_output, segment_stamp
 from .recorder import Recorder, RecorderOptions, Stats
 from .results import FRAME_MEMORY_SECONDS, ResultFeed, Rule, Sidecars
@@ -79,10 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o",
         "--output",
+        action="append",
         metavar="OUT",
-        help="FILE.ts (MPEG-TS), FILE.mp4 (fragmented MP4), FILE.mkv (Matroska), udp://HOST:PORT or "
-        "srt://HOST:PORT[?mode=listener&latency=...&passphrase=${VAR}] (${VAR}: from the environment, off the "
-        "command line) (default: NAME-<UTC start>.ts in the current directory)",
+        help="FILE.ts (MPEG-TS), FILE.mp4 (fragmented MP4), FILE.mkv (Matroska), rtsp://[USER:PASS@]HOST[:PORT]/PATH "
+        "(publish to an RTSP server: mediamtx, go2rtc), srt://HOST:PORT[?mode=listener&latency=...&passphrase=${VAR}] "
+        "or udp://HOST:PORT; repeatable: one encode, every output (${VAR}: from the environment, off the command "
+        "line; a stream that fails reconnects, the others and the files go on) "
+        "(default: NAME-<UTC start>.ts in the current directory)",
     )
     parser.add_argument("--duration", type=float_in(0, 1e9, "--duration"), metavar="S", help="stop after S seconds of video")
     parser.add_argument("--segment", type=float_in(0, 1e6, "--segment"), metavar="S", help="start a new file every S seconds (on a keyframe)")
@@ -175,7 +182,8 @@ def _check_result_options(args: argparse.Namespace) -> None:
         raise _UsageError("--burn-in-wait goes with --burn-in")
     if args.trigger_on and args.clips is None:
         raise _UsageError("--trigger-on opens clips: give --clips DIR too")
-    if args.results is not None and args.clips is None and args.segment is None and "://" in (args.output or ""):
+    streams_only = bool(args.output) and all("://" in target for target in args.output)
+    if args.results is not None and args.clips is None and args.segment is None and streams_only:
         raise _UsageError("--results writes a file beside each video file: give -o FILE, --segment or --clips")
 
 
@@ -218,6 +226,21 @@ def _apply_rules(rules: list[Rule], clips: PreRollOutput) -> Callable[[fb.Result
 
 
 def _build_outputs(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> tuple[list[Output], Optional[PreRollOutput]]:
+    """Every -o (in their order), the segments, the clips; with none of them, NAME-<UTC start>.ts."""
+    outputs = [_build_output(target, args, sidecars) for target in args.output or []]
+    shown = [output.describe() for output in outputs]
+    repeated = next((name for name in shown if shown.count(name) > 1), None)
+    if repeated is not None:
+        raise _UsageError(f"-o {repeated} is given twice")
+    files = [output for output in outputs if isinstance(output, FileOutput)]
+    if args.index and not files and args.segment is None and args.clips is None and outputs:
+        raise _UsageError("--index goes with -o FILE (segments and clips always have one)")
+    if args.segment is not None:
+        if files:
+            raise _UsageError("give either -o FILE or --segment (with --dir), not both (streams may go with either)")
+        outputs.append(_build_segments(args, sidecars))
+    elif args.dir is not None or args.keep is not None:
+        raise _UsageError("--dir and --keep go with --segment")
     clips: Optional[PreRollOutput] = None
     if args.clips is not None:
         directory = Path(args.clips)
@@ -226,33 +249,27 @@ def _build_outputs(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> tu
         if not os.access(directory, os.W_OK):
             raise _UsageError(f"--clips {directory}: not writable")
         clips = PreRollOutput(directory, args.name, args.pre_roll, args.post_roll, results=sidecars)
-        if args.output is None and args.segment is None:
-            if args.dir is not None or args.keep is not None:
-                raise _UsageError("--dir and --keep go with --segment")
-            return [clips], clips
-    return [_build_output(args, sidecars)] + ([clips] if clips is not None else []), clips
+        outputs.append(clips)
+    if not outputs:
+        outputs.append(_build_output(f"{args.name}-{segment_stamp(time.time())}.ts", args, sidecars))
+    return outputs, clips
 
 
-def _build_output(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> Output:
-    if args.segment is None:
-        if args.dir is not None or args.keep is not None:
-            raise _UsageError("--dir and --keep go with --segment")
-        target = args.output or f"{args.name}-{segment_stamp(time.time())}.ts"
-        try:
-            output = make_output(target, index=args.index, results=sidecars)
-        except ValueError as exc:
-            raise _UsageError(str(exc)) from None
-        if isinstance(output, FileOutput):
-            parent = output.path.resolve().parent
-            if not parent.is_dir():
-                raise _UsageError(f"-o {target}: directory {parent} does not exist")
-            if not os.access(parent, os.W_OK):
-                raise _UsageError(f"-o {target}: cannot write in {parent}")
-        elif args.index:
-            raise _UsageError("--index goes with -o FILE (segments always have one)")
-        return output
-    if args.output is not None:
-        raise _UsageError("give either -o or --segment (with --dir), not both")
+def _build_output(target: str, args: argparse.Namespace, sidecars: Optional[Sidecars]) -> Output:
+    try:
+        output = make_output(target, index=args.index, results=sidecars)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    if isinstance(output, FileOutput):
+        parent = output.path.resolve().parent
+        if not parent.is_dir():
+            raise _UsageError(f"-o {target}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise _UsageError(f"-o {target}: cannot write in {parent}")
+    return output
+
+
+def _build_segments(args: argparse.Namespace, sidecars: Optional[Sidecars]) -> SegmentedOutput:
     directory = Path(args.dir or ".")
     if not directory.is_dir():
         raise _UsageError(f"--dir {directory}: no such directory (create it first)")
@@ -317,6 +334,16 @@ def _progress_line(stats: Stats, written: int, rate: float) -> str:
     )
 
 
+def _summary_of(output: Output) -> str:
+    """An output as the summary line names it; a live output with what became of its link."""
+    if not isinstance(output, LiveOutput):
+        return output.describe()
+    if not output.ever_connected:
+        return f"{output.describe()} [never connected: {output.reason or output.silence}]"
+    down = f" down at the end: {output.reason}" if output.reason else ""
+    return f"{output.describe()} [sent_kb={output.sent_bytes // 1024} reconnects={output.reconnects} dropped={output.dropped}{down}]"
+
+
 def _usage(message: str) -> int:
     print(f"framebroker record: error: {message}", file=sys.stderr)
     return 2
@@ -350,10 +377,10 @@ def main(args: argparse.Namespace) -> int:
         selection = select_encoder(args.encoder)
         spec = selection.spec
         note = {"fallback": selection.fallback_reason} if selection.fallback else {}
-        reader.set_info(encoder=spec.name, **note, written=0, out=label if len(label) <= 120 else "..." + label[-117:])
         if clips is not None:
             inbox = reader.triggers()
         recorder = Recorder(reader, spec, outputs, options, output_label=label, extra_info=_extra_info(note, clips, sidecars), results=feed)
+        recorder.publish_info(force=True)
     except BaseException:
         if inbox is not None:
             inbox.close()
@@ -413,7 +440,8 @@ def main(args: argparse.Namespace) -> int:
         f"record: {'failed' if recorder.error else 'done'} ({recorder.end_reason}): "
         f"frames={recorder.router.frames} seconds={stats.recorded_seconds:.3f} encoder={spec.name} "
         f"dropped_ring={stats.ring_dropped} dropped_queue={stats.queue_dropped} "
-        f"encode_ms={encode_ms if encode_ms is None else round(encode_ms, 2)}{files} output={label}",
+        f"encode_ms={encode_ms if encode_ms is None else round(encode_ms, 2)}{files} "
+        f"output={' + '.join(_summary_of(output) for output in outputs)}",
         flush=True,
     )
     if stats.ring_dropped or stats.queue_dropped:
@@ -428,4 +456,8 @@ def main(args: argparse.Namespace) -> int:
         if isinstance(error, (fb.FrameBrokerError, KeyboardInterrupt)):
             raise error
         raise fb.FrameBrokerError(f"recording failed: {type(error).__name__}: {error}") from error
+    streams = [output for output in outputs if isinstance(output, LiveOutput)]
+    if len(streams) == len(outputs) and not any(output.ever_connected for output in streams):
+        reasons = "; ".join(f"{output.describe()}: {output.reason or output.silence}" for output in streams)
+        raise fb.FrameBrokerError(f"nothing was sent: no output ever connected ({reasons})")
     return 0

@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 
 import framebroker as fb
 
-from .outputs import FileOutput, Output, OutputError, segment_stamp
+from .outputs import FileOutput, Output, OutputError, OutputStatus, segment_stamp
 from .packets import PTS_HZ, EncodedPacket, StreamInfo, pts_from_ns
 from .results import Sidecars, sidecar_path
 
@@ -130,6 +130,12 @@ class PreRollOutput(Output):
     @property
     def held_bytes(self) -> int:
         return self._bytes
+
+    def status(self) -> OutputStatus:
+        shown = super().status()
+        if shown.state != "writing":
+            return shown
+        return OutputStatus(shown.label, "writing clip" if self._clip is not None else "buffering", shown.kbps)
 
     # --- the trigger thread ----------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ A note on threads:
   So a slow encoder costs frames, never the ring's or the camera's time. The one exception is a
   file replayed in lockstep (``serve FILE --pace lockstep``), where the daemon waits for its
   readers anyway: there the reader thread waits for room in the queue, and no frame is lost.
-  It also publishes the recorder's counters with ``Reader.set_info`` for ``framebroker status``.
+  It also publishes the recorder's counters with ``Reader.set_info`` for ``framebroker status``,
+  and each output's state (``Output.status()``: a live output's link, its bit rate, reconnects).
 * The **encode thread** takes frames from the queue, draws the overlays, gives each frame its PTS
   (from its capture ``timestamp_ns``) and feeds the encoder. Packets reach the ``PacketRouter``
   from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer). With
@@ -50,6 +51,9 @@ log = logging.getLogger("framebroker.recorder")
 READ_TIMEOUT = 0.25
 # How often counters are published to the reader table for `framebroker status` (s).
 INFO_PERIOD = 0.5
+# The outputs' entries in status, ever shorter until they fit the reader table's few hundred
+# bytes: (characters of each output's name, of a failure's reason; None: all, 0: none).
+STATUS_CUTS = ((None, None), (None, 40), (48, 24), (32, 0), (20, 0), (12, 0))
 # How long the recorder trusts what it last read about the stream's pace (s).
 PACE_CHECK_PERIOD = 1.0
 # Frames looked at (or how long, s) before opening the encoder, to measure the stream's rate.
@@ -199,6 +203,7 @@ class Recorder:
         self.router = router or PacketRouter()
         for output in outputs:
             self.router.attach(output)
+        self.outputs = list(outputs)
         self.output_label = output_label
         self.extra_info = extra_info  # more key/values for status (why software encodes, the clip buffer)
         self.stats = Stats()
@@ -281,7 +286,7 @@ class Recorder:
                         if time.monotonic_ns() - stats.first_timestamp_ns >= duration_ns:
                             self.request_stop("duration reached")
                             break
-                    self._publish_info()
+                    self.publish_info()
                     continue
                 with frame:
                     if stats.first_timestamp_ns is None:
@@ -301,14 +306,14 @@ class Recorder:
                 else:
                     stats.queue_dropped += 1
                 stats.queue_depth = self._queue.qsize()
-                self._publish_info()
+                self.publish_info()
             else:
                 self.request_stop("the stream ended")
         except BaseException as exc:
             self.error = self.error or exc
             self.request_stop("reading failed")
         finally:
-            self._publish_info(force=True)
+            self.publish_info(force=True)
             # The encode thread drains what is queued, then ends at the sentinel.
             if not self._encoder_failed.is_set():
                 self._queue.put(_SENTINEL)
@@ -340,29 +345,37 @@ class Recorder:
             self._room.notify()
         return item
 
-    def _publish_info(self, force: bool = False) -> None:
+    def publish_info(self, force: bool = False) -> None:
+        """Counters and each output's state for ``framebroker status`` (at most every INFO_PERIOD
+        unless forced); from one thread at a time (the reader thread, once it runs)."""
         now = time.monotonic()
         if not force and now < self._info_due:
             return
         self._info_due = now + INFO_PERIOD
         stats = self.stats
-        label = self.output_label
-        info = {
+        info: dict[str, Any] = {
             "encoder": stats.encoder,
             "written": self.router.frames,
             "dropped_ring": stats.ring_dropped,
             "dropped_queue": stats.queue_dropped,
             "queue": stats.queue_depth,
-            "out": label if len(label) <= 120 else "..." + label[-117:],
         }
         if self.options.burn_in:
             info["burn_in_late"] = stats.burn_in_late
         if self.extra_info is not None:
             info.update(self.extra_info())
-        try:
-            self.reader.set_info(**info)
-        except (fb.FrameBrokerError, ValueError) as exc:
-            log.debug("publishing recorder status: %s", exc)
+        statuses = [output.status() for output in self.outputs]
+        for label_chars, reason_chars in STATUS_CUTS:
+            info["out"] = [status.text(label_chars, reason_chars) for status in statuses] or self.output_label
+            try:
+                self.reader.set_info(**info)
+                return
+            except ValueError:  # too long for the reader table: cut the outputs' entries shorter
+                continue
+            except fb.FrameBrokerError as exc:
+                log.debug("publishing recorder status: %s", exc)
+                return
+        log.debug("recorder status does not fit the reader table even cut short: %s", info)
 
     # --- the encode thread -----------------------------------------------------------------------------
 
