@@ -217,6 +217,7 @@ class Bridge:
         reports = [report for seen, report in list(self.remotes.values()) if now - seen < REMOTE_FRESH]
         latencies = [r["latency_p50_ms"] for r in reports if isinstance(r.get("latency_p50_ms"), (int, float))]
         return {
+            "out": "zenoh",  # what status looks for to show this reader as a bridge
             "link": "up" if peers and self.output.subscribed else ("idle" if peers else "waiting"),
             "peers": peers,
             "remotes": len(reports),

@@ -40,7 +40,7 @@ CLIENT_COMMANDS = {
     "faces": ("face_detector", "example ML consumer: Haar-cascade face detector; publishes its boxes as model 'faces'"),
     "motion": ("motion_detector", "example ML consumer: motion detector; publishes moving regions as model 'motion'"),
     "read": ("plain_reader", "plain reader: prints the frames it gets (rate, frame age, frames skipped)"),
-    "record": ("recorder", "recorder: H.264 with true timestamps, to a file (.ts, .mp4, .mkv), segments, UDP or SRT, and event clips"),
+    "record": ("recorder", "recorder: H.264 with true timestamps, one encode for every output: files (.ts, .mp4, .mkv), segments, RTSP/SRT/UDP streams, event clips"),
     "view": ("preview", "browser preview: live picture with the models' boxes, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
     "bridge": ("bridge", "frames (H.264), status and results of a stream to other machines through Zenoh; remotes serve zenoh://NAME"),

@@ -362,11 +362,12 @@ class Recorder:
         }
         if self.options.burn_in:
             info["burn_in_late"] = stats.burn_in_late
-        if self.extra_info is not None:
-            info.update(self.extra_info())
+        extra = self.extra_info() if self.extra_info is not None else {}
+        info.update(extra)
         statuses = [output.status() for output in self.outputs]
         for label_chars, reason_chars in STATUS_CUTS:
-            info["out"] = [status.text(label_chars, reason_chars) for status in statuses] or self.output_label
+            if "out" not in extra:  # a program built on the recorder (the bridge) may say what it sends to
+                info["out"] = [status.text(label_chars, reason_chars) for status in statuses] or self.output_label
             try:
                 self.reader.set_info(**info)
                 return
