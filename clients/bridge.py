@@ -11,7 +11,7 @@ test encode, hardware where there is one) and each H.264 access unit goes out on
 ``--keyframe-interval`` seconds, each with SPS and PPS, so a remote that joins late starts within
 that time. Beside the video: the stream's status once a second, and every model's results both
 ways (``framebroker.sources.ResultRelay``). The key expressions and the wire format are described in
-``framebroker/sources/_zenoh_link.py`` and in README.md.
+``framebroker/sources/_zenoh_link.py`` and in docs/bridge.md.
 
 ``framebroker status`` shows the bridge as a reader of the stream, with its link (Zenoh peers,
 whether anything subscribes), what it sent and the results it carried.

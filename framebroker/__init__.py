@@ -45,7 +45,7 @@ __version__ = "0.1.0"  # the package's only version; pyproject.toml reads it fro
 def status(name: "str | None" = None) -> dict:
     """What ``framebroker status --json`` prints: every stream (or only ``name``) with its readers.
 
-    The schema is documented in README.md ("Status JSON"). Works without the daemon's help and
+    The schema is documented in docs/status.md ("Status JSON"). Works without the daemon's help and
     when it is dead (the stream then shows ``"state": "dead"``).
     """
     return _collect(name)

@@ -2,7 +2,7 @@
 
 Everything here reads segments through a read-only mapping and decides liveness from OFD locks
 (``_ring.py``), so it needs no cooperation from the daemon, works when the daemon is dead, and
-never disturbs a reader. The JSON schema it produces is documented in README.md.
+never disturbs a reader. The JSON schema it produces is documented in docs/status.md.
 """
 
 from __future__ import annotations

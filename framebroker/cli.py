@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show streams, their cameras and every reader")
     status.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
-    status.add_argument("--json", action="store_true", help="machine-readable output (schema in README.md)")
+    status.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/status.md)")
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=float_in(0.05, 3600, "--interval"), default=1.0, help="seconds between --watch refreshes")
 
