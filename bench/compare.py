@@ -14,9 +14,11 @@ out, CPU per 1000 frames, idle-reader CPU, producer cost against a bare numpy co
 frames for every transport. Repetitions run inside the same processes; figures are medians
 (``report.py``). Then ``latest()`` alone at VGA, 1080p and 4K on each path (``latest_cost.py``).
 
-Writes ``bench/results/compare-<date>.json`` (every raw sample, the machine, the settings) and
-prints the tables (markdown, ready for README.md) and the project's performance targets, for
-each frame path. The machine is often shared: the JSON records the load average before and after.
+Writes ``bench/results/compare-<date>.json``, the summary that is committed (the machine and
+its load average before and after, the settings, the commit, every run's figures, the tables and
+the targets), and beside it ``compare-<date>.raw.json``, the same with every child's raw report
+and sample, which git ignores (a full run's raw samples are about 1 MB). Prints the tables
+(markdown, ready for README.md) and which of the performance targets the run meets.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ QUICK = {
     "latest_calls": 30,
     "latest_idle_calls": 5,
 }
+# The parts of a run that are the children's raw reports (every sample): only in the .raw.json.
+RAW_RUN_FIELDS = ("producer", "readers_raw")
 # How long the orchestrator waits for a child's first message (process start, imports, attach).
 START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 10.0
@@ -104,7 +108,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--latest-sizes", help=f"sizes for the latest() cost, empty to skip (full: {FULL['latest_sizes']})")
     parser.add_argument("--latest-calls", type=int, help="back-to-back latest() calls per size and repetition")
     parser.add_argument("--latest-idle-calls", type=int, help="latest() calls after a frame period idle")
-    parser.add_argument("--out", type=Path, help="JSON output (default bench/results/compare-<date>.json)")
+    parser.add_argument(
+        "--out", type=Path, help="summary JSON (default bench/results/compare-<date>.json); the raw samples go beside it, in .raw.json"
+    )
     parser.add_argument("--require-all", action="store_true", help="fail when a transport's packages are missing instead of skipping it")
     parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="measure nothing: print the tables and targets of these runs' medians")
     args = parser.parse_args(argv)
@@ -426,10 +432,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         "table_markdown": text,
     }
     out = args.out or RESULTS / f"compare-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    raw = raw_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1, default=_json_default))
-    tmp.replace(out)
+    write_json(raw, document)
+    write_json(out, summary_of(document, raw.name))
     print(f"Machine: {machine_line(machine)}; load average at end {machine['loadavg_end'][0]:.2f}")
     print(f"Settings: {_settings_line(args)}; total {duration:.0f} s")
     print()
@@ -437,12 +443,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     print("Performance targets, from this run:")
     print(report.targets_text(checks))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out} (raw samples: {raw})")
     failed = [r for r in runs if r["status"] == "error"]
     skipped = [r for r in runs if r["status"] == "skipped"]
     if failed or (args.require_all and skipped):
         return 1
     return 0
+
+
+def raw_path(out: Path) -> Path:
+    """Where the raw samples of the summary ``out`` go (``*.raw.json`` is git-ignored)."""
+    return out.with_name(f"{out.stem}.raw.json")
+
+
+def summary_of(document: dict[str, Any], raw_name: str) -> dict[str, Any]:
+    """The document without the children's raw reports: what a result needs to be read, re-tabled
+    (``report.tables`` works on it) and compared, at about a tenth of the size."""
+    runs = [{key: value for key, value in run.items() if key not in RAW_RUN_FIELDS} for run in document["runs"]]
+    return {**document, "runs": runs, "raw_samples": f"{raw_name} (not kept in git)"}
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1, default=_json_default))
+    tmp.replace(path)
 
 
 def _settings_line(args: argparse.Namespace) -> str:

@@ -88,7 +88,8 @@ def main() -> int:
             )
             # wait4: the CPU time of the recorder process alone (threads included).
             _, status, usage = os.wait4(recorder.pid, 0)
-            recorder.returncode = os.waitstatus_to_exitcode(status)
+            # As Popen reports it (os.waitstatus_to_exitcode is Python 3.9+).
+            recorder.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             wall = time.monotonic() - started
             daemon_cpu = cpu_seconds(daemon.pid) - daemon_cpu0
             stdout.seek(0)

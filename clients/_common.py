@@ -10,7 +10,7 @@ from types import FrameType
 from typing import Any, Iterator, Optional
 
 import framebroker as fb
-from framebroker.arguments import float_in
+from framebroker.arguments import float_in, model_name
 
 
 def exit_on_sigterm() -> None:
@@ -58,6 +58,17 @@ def add_wait_option(parser: argparse.ArgumentParser, default: float) -> None:
         default=default,
         metavar="S",
         help=f"wait up to S seconds for the stream to appear (default {default:g}; 0: fail at once if it is not served)",
+    )
+
+
+def add_model_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--model",
+        type=model_name,
+        default=default,
+        metavar="NAME",
+        help=f"publish the results under this model name (default {default}): the preview draws them, "
+        "record --results/--trigger-on use them, framebroker status shows them",
     )
 
 

@@ -1,7 +1,9 @@
 """One JPEG encoder feeding any number of MJPEG viewers (the browser preview's picture).
 
 ``JpegHub`` owns a reader thread: while at least one viewer watches, it takes the newest frame
-of the stream, encodes it to JPEG once, and hands that one JPEG to every viewer. With nobody
+of the stream, encodes it to JPEG once, and hands that one JPEG to every viewer, as a
+``Picture`` that also carries the frame's seq and capture time (so a viewer can match the
+models' results to the very frame it shows). With nobody
 watching it encodes nothing, and after ``idle_detach`` seconds it detaches from the stream, so
 an unwatched preview neither costs CPU nor keeps a reader slot reserved.
 
@@ -14,11 +16,12 @@ only wait on the condition and copy a reference to the newest JPEG.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import framebroker as fb
+
+from ._hub import ViewerHub
 
 log = logging.getLogger("framebroker.view")
 
@@ -30,71 +33,44 @@ FRAME_WAIT = 0.5
 STALL_NOTICE = 2.0
 
 
-class JpegHub:
+class Picture(NamedTuple):
+    """One encoded frame: ``number`` counts the hub's JPEGs; ``seq`` and ``timestamp_ns`` are
+    the frame's own."""
+
+    number: int
+    seq: int
+    timestamp_ns: int
+    jpeg: bytes
+
+
+class JpegHub(ViewerHub):
     """The newest frame of ``stream`` as JPEG, encoded once per frame for all viewers."""
 
+    THREAD_NAME = "framebroker-view-encoder"
+
     def __init__(self, stream: str, *, quality: int = 80, max_fps: float = 15.0, idle_detach: float = 3.0, reader_name: str = "view") -> None:
+        super().__init__()
         self.stream = stream
         self.quality = quality
         self.min_interval = 1.0 / max_fps if max_fps > 0 else 0.0
         self.idle_detach = idle_detach
         self.reader_name = reader_name
-        self._condition = threading.Condition()
-        self._jpeg: Optional[bytes] = None
+        self._picture: Optional[Picture] = None  # the newest JPEG
         self._number = 0  # counts JPEGs made; viewers ask for one newer than the last they sent
-        self._seq = 0  # stream seq of the newest JPEG
-        self._viewers = 0
         self._encodes = 0
         self._sent = 0
         self._encode_seconds = 0.0
         self._message = "no viewer yet: the preview attaches to the stream when a browser shows the picture"
-        self._stopping = False
-        self._thread: Optional[threading.Thread] = None
-
-    # --- life cycle ---------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the reader thread (idle until a viewer comes). Safe to call twice."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="framebroker-view-encoder", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Wake every waiting viewer and end the reader thread (which detaches). Safe to call twice."""
-        with self._condition:
-            self._stopping = True
-            self._condition.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     # --- viewers ------------------------------------------------------------------------------
 
-    def add_viewer(self, limit: int) -> bool:
-        """Register a viewer; False if ``limit`` viewers already watch."""
-        with self._condition:
-            if self._viewers >= limit:
-                return False
-            self._viewers += 1
-            self._condition.notify_all()
-            return True
-
-    def remove_viewer(self) -> None:
-        with self._condition:
-            self._viewers -= 1
-            self._condition.notify_all()
-
-    def wait_newer(self, after: int, timeout: float) -> Optional[tuple[int, bytes]]:
-        """The newest JPEG once it is newer than number ``after``; None on timeout or stop."""
+    def wait_newer(self, after: int, timeout: float) -> Optional[Picture]:
+        """The newest picture once it is newer than number ``after``; None on timeout or stop."""
         with self._condition:
             ready = self._condition.wait_for(lambda: self._stopping or self._number > after, timeout)
-            if not ready or self._stopping or self._jpeg is None:
+            if not ready or self._stopping:
                 return None
-            return self._number, self._jpeg
+            return self._picture
 
     def count_sent(self) -> None:
         with self._condition:
@@ -108,7 +84,7 @@ class JpegHub:
                 "jpeg_encodes": self._encodes,
                 "frames_sent": self._sent,
                 "encode_seconds": round(self._encode_seconds, 6),
-                "seq": self._seq,
+                "seq": self._picture.seq if self._picture is not None else 0,
                 "message": self._message,
                 "quality": self.quality,
                 "max_fps": round(1.0 / self.min_interval, 3) if self.min_interval else 0,
@@ -212,16 +188,15 @@ class JpegHub:
             if frame.format == "rgb":
                 image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
             ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
-            seq = frame.seq
+            seq, timestamp_ns = frame.seq, frame.timestamp_ns
         spent = time.perf_counter() - started
         if not ok:
             self._set_message(f"OpenCV could not encode frame {seq} as JPEG")
             return
         jpeg = encoded.tobytes()
         with self._condition:
-            self._jpeg = jpeg
             self._number += 1
-            self._seq = seq
+            self._picture = Picture(self._number, seq, timestamp_ns, jpeg)
             self._encodes += 1
             self._encode_seconds += spent
             self._message = ""

@@ -86,6 +86,28 @@ _READER_METRICS = (
     ("framebroker_reader_hold_slots", "gauge", "Frames this reader may hold at most (its reserved slots).", "hold"),
 )
 
+_MODEL_METRICS = (
+    ("framebroker_model_results_total", "counter", "Results the model's writer has published.", "results"),
+    ("framebroker_model_results_per_second", "gauge", "Results per second the model publishes (0 when it stopped).", "results_per_s"),
+    ("framebroker_model_lag_frames", "gauge", "Frames between the stream's newest frame and the model's newest result.", "lag"),
+    ("framebroker_model_last_result_age_seconds", "gauge", "Seconds since the model published its newest result.", "last_result_age_s"),
+)
+
+
+def _render_models(out: Exposition, stream: dict[str, Any]) -> None:
+    for model in stream.get("models", []):
+        labels = {"stream": stream["name"], "model": model["name"]}
+        out.sample("framebroker_model_up", labels, 1 if model.get("alive") else 0)
+        if "error" in model:
+            continue
+        out.sample("framebroker_model_info", {**labels, "pid": model["pid"]}, 1)
+        for name, _kind, _help, key in _MODEL_METRICS:
+            out.sample(name, labels, model.get(key))
+        for quantile, key in (("0.5", "latency_p50_ms"), ("0.99", "latency_p99_ms")):
+            latency = model.get(key)
+            out.sample("framebroker_model_latency_seconds", {**labels, "quantile": quantile}, None if latency is None else latency / 1000)
+        out.sample("framebroker_model_readers", labels, len(model["readers"]))
+
 
 def render(streams: Iterable[dict[str, Any]], preview: Optional[dict[str, Any]] = None) -> str:
     """Prometheus text for the streams of a status document, plus the preview's own counters."""
@@ -99,6 +121,16 @@ def render(streams: Iterable[dict[str, Any]], preview: Optional[dict[str, Any]] 
     out.family("framebroker_reader_info", "gauge", "Always 1; the labels carry the reader's mode (live, next, ordered, idle).")
     for name, kind, help_text, _key in _READER_METRICS:
         out.family(name, kind, help_text)
+    out.family("framebroker_model_up", "gauge", "1 while a live writer publishes the model's results, else 0.")
+    out.family("framebroker_model_info", "gauge", "Always 1; the labels carry the writer's pid.")
+    for name, kind, help_text, _key in _MODEL_METRICS:
+        out.family(name, kind, help_text)
+    out.family(
+        "framebroker_model_latency_seconds",
+        "gauge",
+        "Capture to result, over the writer's last 512 results: the median (quantile 0.5) and the 99th percentile.",
+    )
+    out.family("framebroker_model_readers", "gauge", "Processes reading the model's results.")
     for stream in streams:
         stream_label = {"stream": stream["name"]}
         out.sample("framebroker_stream_up", stream_label, 1 if stream.get("alive") else 0)
@@ -115,6 +147,7 @@ def render(streams: Iterable[dict[str, Any]], preview: Optional[dict[str, Any]] 
             out.sample("framebroker_reader_info", {**labels, "mode": reader["mode"]}, 1)
             for name, _kind, _help, key in _READER_METRICS:
                 out.sample(name, labels, reader.get(key))
+        _render_models(out, stream)
     if preview is not None:
         label = {"stream": preview["stream"]}
         out.family("framebroker_preview_viewers", "gauge", "Browsers watching the MJPEG picture now.")
@@ -125,4 +158,9 @@ def render(streams: Iterable[dict[str, Any]], preview: Optional[dict[str, Any]] 
         out.sample("framebroker_preview_frames_sent_total", label, preview["frames_sent"])
         out.family("framebroker_preview_encode_seconds_total", "counter", "Time spent encoding JPEGs.")
         out.sample("framebroker_preview_encode_seconds_total", label, preview["encode_seconds"])
+        if "results_viewers" in preview:
+            out.family("framebroker_preview_results_viewers", "gauge", "Pages receiving the models' results now.")
+            out.sample("framebroker_preview_results_viewers", label, preview["results_viewers"])
+            out.family("framebroker_preview_results_sent_total", "counter", "Results sent to pages, added up over all pages.")
+            out.sample("framebroker_preview_results_sent_total", label, preview["results_sent"])
     return out.render()

@@ -1,9 +1,14 @@
 """``framebroker view NAME``: a browser preview of one stream.
 
-One page (``/``) shows the live picture as MJPEG (``/stream.mjpg``, multipart/x-mixed-replace,
-which every browser plays in an ``<img>``) next to the stream's status, refreshed every second
-from ``/status.html``. ``/status.json`` is ``framebroker status NAME --json`` plus the preview's
-own counters; ``/metrics`` is the same in Prometheus text format.
+One page (``/``) shows the live picture next to the stream's status, refreshed every second
+from ``/status.html``, with each model's boxes drawn over the frame they were computed on (a
+checkbox per model). The picture is MJPEG (``/stream.mjpg``, multipart/x-mixed-replace, which
+every browser plays in an ``<img>``); each part also names its frame (``X-Frame-Seq``,
+``X-Frame-Time``), and the page's script (``/preview.js``, see ``_preview_script``) reads the
+stream itself to draw each JPEG on a canvas with that frame's results, which come as
+Server-Sent Events from ``/results`` (``ResultHub``). ``/status.json`` is ``framebroker status
+NAME --json`` plus the preview's own counters; ``/metrics`` is the same in Prometheus text
+format.
 
 HTTP comes from the standard library's ``ThreadingHTTPServer``: a thread per connection suits
 a handful of long-lived MJPEG viewers, and the preview adds no dependency to install on a
@@ -24,7 +29,7 @@ import sys
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 import framebroker as fb
@@ -32,11 +37,18 @@ from framebroker.arguments import float_in, int_in, stream_name
 
 from . import _prometheus
 from ._common import exit_on_sigterm, say
+from ._hub import ViewerHub
 from ._mjpeg import JpegHub
+from ._models import model_colour_hex
+from ._preview_script import SCRIPT
+from ._result_hub import ResultHub
 
 log = logging.getLogger("framebroker.view")
 
 BOUNDARY = b"framebroker-frame"
+# The page is told the models (their colours, latency, whether they publish) this often (s).
+MODELS_EVENT_PERIOD = 1.0
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", type=stream_name, help="stream to show (it may start later)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -61,6 +73,9 @@ PAGE = """<!doctype html>
   main {{ display: flex; flex-wrap: wrap; gap: 16px; padding: 16px; align-items: flex-start; }}
   figure {{ margin: 0; }}
   #picture {{ display: block; max-width: 100%; min-width: 320px; min-height: 240px; background: #000; }}
+  #models {{ margin-top: 6px; }}
+  #models label {{ display: block; }}
+  #models .swatch {{ display: inline-block; width: 10px; height: 10px; margin: 0 2px 0 4px; border: 1px solid #555; }}
   #status {{ flex: 1; min-width: 360px; }}
   h2 {{ font-size: 18px; margin: 0 0 8px; }}
   h3 {{ font-size: 15px; margin: 16px 0 6px; }}
@@ -79,24 +94,14 @@ PAGE = """<!doctype html>
 <body>
 <header>framebroker &middot; stream <b>{name}</b> on {host}</header>
 <main>
-<figure><img id="picture" src="stream.mjpg" alt="live picture of stream {name}"></figure>
+<figure>
+<canvas id="picture" width="640" height="480" aria-label="live picture of stream {name}"></canvas>
+<noscript><img id="picture" src="stream.mjpg" alt="live picture of stream {name}"></noscript>
+<figcaption id="models"></figcaption>
+</figure>
 <section id="status">{status}</section>
 </main>
-<script>
-  // The status part refreshes itself; the picture reconnects if its connection drops
-  // (the preview restarted, the network blinked).
-  const statusBox = document.getElementById("status");
-  setInterval(() => {{
-    fetch("status.html", {{cache: "no-store"}})
-      .then((reply) => reply.ok ? reply.text() : Promise.reject(reply.status))
-      .then((text) => {{ statusBox.innerHTML = text; }})
-      .catch(() => {{}});
-  }}, 1000);
-  const picture = document.getElementById("picture");
-  picture.addEventListener("error", () => {{
-    setTimeout(() => {{ picture.src = "stream.mjpg?" + Date.now(); }}, 2000);
-  }});
-</script>
+<script src="preview.js"></script>
 </body>
 </html>
 """
@@ -149,6 +154,7 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors
                 f"{stream['slots']} slots ({stream['shm_bytes'] / (1 << 20):.1f} MiB), mode {stream['mode']}",
             ),
         ]
+        facts += _remote_facts(stream)
         parts.append('<table class="facts">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in facts) + "</table>")
         readers = stream["readers"]
         parts.append(f"<h3>readers ({len(readers)})</h3>")
@@ -173,6 +179,7 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors
             parts.append(f'<table class="readers"><tr>{header}</tr>{"".join(rows)}</table>')
         else:
             parts.append("<p>no readers</p>")
+        parts.append(models_fragment(stream.get("models", [])))
     parts += _supervised_fragment(supervisors or [])
     viewers = preview["viewers"]
     limit = f"at most {preview['max_fps']:g} fps" if preview["max_fps"] else "every frame"
@@ -182,6 +189,23 @@ def status_fragment(stream: dict[str, Any], preview: dict[str, Any], supervisors
         '<a href="metrics">metrics</a> &middot; <a href="status.json">status.json</a></p>'
     )
     return "\n".join(parts)
+
+
+def _remote_facts(stream: dict[str, Any]) -> list[tuple[str, str]]:
+    """A stream served from another machine (``zenoh://``): where from, the link, its latency."""
+    info = stream.get("info")
+    remote = info.get("remote") if isinstance(info, dict) else None
+    if not isinstance(remote, dict):
+        return []
+    latency = remote.get("latency_p50_ms")
+    return [
+        ("origin", f"{remote.get('origin')} ({remote.get('origin_state')}) over zenoh {remote.get('key')}"),
+        (
+            "link",
+            f"{remote.get('link')}, {remote.get('peers')} peers, capture to here "
+            f"{'-' if latency is None else f'{latency:.1f} ms'} (p50), {remote.get('lost')} units lost",
+        ),
+    ]
 
 
 def _supervised_fragment(supervisors: list) -> list[str]:
@@ -203,6 +227,31 @@ def _supervised_fragment(supervisors: list) -> list[str]:
     return parts
 
 
+def models_fragment(models: list[dict[str, Any]]) -> str:
+    """The models publishing results on the stream: the same facts as ``framebroker status``."""
+    e = html.escape
+    if not models:
+        return "<h3>models (0)</h3><p>no model publishes results (fb.ResultWriter)</p>"
+    header = "".join(f"<th>{h}</th>" for h in ("", "name", "writer", "results/s", "latency p50/p99", "lag", "readers"))
+    rows = []
+    for model in models:
+        swatch = f'<span style="color:{model_colour_hex(model["name"])}">&#9632;</span>'
+        if "error" in model:
+            rows.append(f"<tr><td>{swatch}</td><td>{e(model['name'])}</td><td colspan=5>{e(model['state'])}: {e(model['error'])}</td></tr>")
+            continue
+        p50, p99 = model["latency_p50_ms"], model["latency_p99_ms"]
+        cells = [
+            ("", model["name"]),
+            ("", f"pid {model['pid']}" + ("" if model["alive"] else " (gone)")),
+            ("n", f"{model['results_per_s']:.1f}"),
+            ("n", "-" if p50 is None else f"{p50:.0f} / {p99:.0f} ms"),
+            ("n", "-" if model["lag"] is None else str(model["lag"])),
+            ("", ", ".join(f"{r['name']} ({r['pid']})" for r in model["readers"]) or "none"),
+        ]
+        rows.append(f"<tr><td>{swatch}</td>" + "".join(f'<td class="{c}">{e(v)}</td>' for c, v in cells) + "</tr>")
+    return f'<h3>models ({len(models)})</h3><table class="readers models"><tr>{header}</tr>{"".join(rows)}</table>'
+
+
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
@@ -212,17 +261,18 @@ class PreviewServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], hub: JpegHub, stream: str, max_viewers: int) -> None:
+    def __init__(self, address: tuple[str, int], hub: JpegHub, results: ResultHub, stream: str, max_viewers: int) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.hub = hub
+        self.results = results
         self.stream = stream
         self.max_viewers = max_viewers
         super().__init__(address, PreviewHandler)
 
     def status(self) -> dict[str, Any]:
         document = fb.status(self.stream)
-        document["preview"] = self.hub.stats()
+        document["preview"] = {**self.hub.stats(), **self.results.stats()}
         return document
 
 
@@ -242,6 +292,10 @@ class PreviewHandler(BaseHTTPRequestHandler):
                 self._page()
             elif path == "/stream.mjpg":
                 self._mjpeg()
+            elif path == "/preview.js":
+                self._send(HTTPStatus.OK, "text/javascript; charset=utf-8", SCRIPT.encode())
+            elif path == "/results":
+                self._results()
             elif path == "/status.html":
                 document = self.server.status()
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", status_fragment(document["streams"][0], document["preview"], document.get("supervisors")).encode())
@@ -253,7 +307,7 @@ class PreviewHandler(BaseHTTPRequestHandler):
             elif path == "/favicon.ico":
                 self._send(HTTPStatus.NO_CONTENT, "image/x-icon", b"")
             else:
-                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try / (the page), /stream.mjpg, /status.json or /metrics\n")
+                self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found: try / (the page), /stream.mjpg, /results, /status.json or /metrics\n")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the browser went away; nothing to tell it
 
@@ -275,34 +329,67 @@ class PreviewHandler(BaseHTTPRequestHandler):
         )
         self._send(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
 
-    def _mjpeg(self) -> None:
-        hub = self.server.hub
+    def _stream(self, hub: ViewerHub, content_type: str, body: Callable[[], None]) -> None:
+        """A response that lasts while the browser watches: one viewer of ``hub`` (a 503 if it
+        has ``--max-viewers`` already), the headers, then ``body()`` writes until it is done."""
         if not hub.add_viewer(self.server.max_viewers):
             message = f"too many viewers: at most {self.server.max_viewers} (framebroker view --max-viewers)\n"
             self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", message.encode())
             return
         try:
             self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}")
+            self.send_header("Content-Type", content_type)
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Connection", "close")
             self.end_headers()
-            number = 0
-            while not hub.stopping:
-                newest = hub.wait_newer(number, timeout=1.0)
-                if newest is None:
-                    if self._browser_left():
-                        return
-                    continue
-                number, jpeg = newest
-                head = b"--%s\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % (BOUNDARY, len(jpeg))
-                self.wfile.write(head + jpeg + b"\r\n")
-                hub.count_sent()
+            body()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         finally:
             hub.remove_viewer()
+
+    def _mjpeg(self) -> None:
+        self._stream(self.server.hub, f"multipart/x-mixed-replace; boundary={BOUNDARY.decode()}", self._send_pictures)
+
+    def _send_pictures(self) -> None:
+        hub = self.server.hub
+        number = 0
+        while not hub.stopping:
+            newest = hub.wait_newer(number, timeout=1.0)
+            if newest is None:
+                if self._browser_left():
+                    return
+                continue
+            number = newest.number
+            # The frame's seq and capture time (ms, CLOCK_MONOTONIC) ride along in headers an
+            # <img> ignores: the page's script matches the models' results to them.
+            head = b"--%s\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\nX-Frame-Seq: %d\r\nX-Frame-Time: %.3f\r\n\r\n" % (
+                BOUNDARY, len(newest.jpeg), newest.seq, newest.timestamp_ns / 1e6,
+            )  # fmt: skip
+            self.wfile.write(head + newest.jpeg + b"\r\n")
+            hub.count_sent()
+
+    def _results(self) -> None:
+        """Server-Sent Events: each model's results (``result``) and, every second, the models
+        with their colours and latency (``models``). See ``_preview_script``."""
+        self._stream(self.server.results, "text/event-stream; charset=utf-8", self._send_results)
+
+    def _send_results(self) -> None:
+        hub = self.server.results
+        self.wfile.write(b"retry: 2000\n\n")
+        number = hub.backlog_start()
+        models_due = 0.0
+        while not hub.stopping:
+            chunks = []
+            if time.monotonic() >= models_due:
+                models_due = time.monotonic() + MODELS_EVENT_PERIOD
+                chunks.append("event: models\ndata: " + json.dumps(hub.models(), separators=(",", ":")) + "\n\n")
+            number, events = hub.wait_events(number, timeout=MODELS_EVENT_PERIOD)
+            chunks.extend(f"event: result\ndata: {text}\n\n" for text in events)
+            if chunks:
+                self.wfile.write("".join(chunks).encode())
+                self.wfile.flush()
 
     def _browser_left(self) -> bool:
         """While no picture is sent, a closed connection is seen only by looking: EOF is readable."""
@@ -319,8 +406,9 @@ class PreviewHandler(BaseHTTPRequestHandler):
 def main(args: argparse.Namespace) -> int:
     exit_on_sigterm()
     hub = JpegHub(args.name, quality=args.quality, max_fps=args.max_fps)
+    results = ResultHub(args.name)
     try:
-        server = PreviewServer((args.host, args.port), hub, args.name, args.max_viewers)
+        server = PreviewServer((args.host, args.port), hub, results, args.name, args.max_viewers)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(
@@ -338,10 +426,12 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     hub.start()
+    results.start()
     say(f"view: stream {args.name} at http://{shown}:{port}/ (picture /stream.mjpg, metrics /metrics); Ctrl-C to stop")
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
         hub.stop()
+        results.stop()
         server.server_close()
     return 0

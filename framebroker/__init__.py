@@ -39,13 +39,13 @@ from ._results import Result, ResultReader, ResultWriter, models
 from ._status import collect as _collect
 from ._trigger import Trigger, TriggerInbox, trigger
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package's only version; pyproject.toml reads it from here
 
 
 def status(name: "str | None" = None) -> dict:
     """What ``framebroker status --json`` prints: every stream (or only ``name``) with its readers.
 
-    The schema is documented in README.md ("Status JSON"). Works without the daemon's help and
+    The schema is documented in docs/status.md ("Status JSON"). Works without the daemon's help and
     when it is dead (the stream then shows ``"state": "dead"``).
     """
     return _collect(name)

@@ -54,10 +54,6 @@ SECTION_COMMANDS = ("record", "view", "bridge", "read", "faces", "motion")
 # What the product documents but a version may not have yet, so that --check says "not in this
 # version" instead of "unknown": commands, and serve's options (as keys).
 LATER = {
-    "bridge": "frames and results to other machines through Zenoh",
-    "derive": "derived streams",
-    "pace": "replay pacing",
-    "wait_readers": "lockstep replay",
 }
 
 
@@ -501,10 +497,12 @@ class _Checker:
                 self.problem(path + (key,), message, f"{_dotted(path + (key,))} = {_toml_value(table[key])}")
                 return
         for key, value in table.items():
-            # The message may show the value with its credentials hidden, as everything shown does.
-            if isinstance(value, str) and len(value) > 1 and (value in message or redact(value) in message):
-                self.problem(path + (key,), message, f"{_dotted(path + (key,))} = {_toml_value(value)}")
-                return
+            # The message may show the value (or one of a list's) with its credentials hidden, as
+            # everything shown does.
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and len(item) > 1 and (item in message or redact(item) in message):
+                    self.problem(path + (key,), message, f"{_dotted(path + (key,))} = {_toml_value(value)}")
+                    return
         self.problem(path, message, f"[{_dotted(path)}]")
 
 

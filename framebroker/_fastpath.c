@@ -46,7 +46,7 @@
 /* --- the layout (framebroker/_layout.py; _fast.py compares LAYOUT with it) -------------------- */
 
 #define LIVE_OFFSET 320
-#define WAKE_OFFSET (LIVE_OFFSET + 144)
+#define WAKE_OFFSET (LIVE_OFFSET + 148)
 #define PRODUCER_WAITS_OFFSET (LIVE_OFFSET + 112) /* lockstep: readers post the producer's semaphore */
 #define META_RECORD_SIZE 64
 #define LOCK_SLOT_BASE 1024

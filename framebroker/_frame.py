@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._errors import FrameReleased, SourceEnded
+from ._errors import FrameReleased, SourceEnded, StreamNotFound
 from ._images import save_image
+from ._placement import Placement, check_box, placement_of, read_derived_info
 
 if TYPE_CHECKING:
     from ._attachment import Attachment
@@ -28,6 +29,10 @@ class Frame:
     not see); ``timestamp_ns`` is the capture time on CLOCK_MONOTONIC (the driver's where it gives
     one, comparable with ``time.monotonic_ns()``); ``wall_time`` is the same instant in epoch
     seconds; ``shape`` and ``format`` ("bgr", "rgb" or "gray") describe the pixels.
+
+    A frame of a derived stream (``serve --derive``) is the main frame of the same ``seq``,
+    resized and converted; ``source_box(box)`` maps a box found on it to the main frame's pixels
+    and ``derived_box(box)`` back (on a main stream's frame both return the box unchanged).
 
     ``torch.from_numpy(frame.array)`` shares the memory without copying. PyTorch warns that the
     array is not writable: the tensor must be treated as read-only too (an in-place op on it
@@ -113,6 +118,61 @@ class Frame:
         """Give the slot back to the producer. Safe to call twice."""
         if not self._released:
             self._attachment.release(self)
+
+    def source_box(self, box: Sequence[float]) -> List[float]:
+        """``box`` ([x, y, w, h] in this frame's pixels) in the pixels of the main stream's frame
+        of the same seq: what a model that reads ``cam0.det`` publishes on ``cam0``. Floats; round
+        them to draw. Right for this very frame even if the camera changed its resolution since.
+        A box in a letterbox bar maps outside the main frame. Usable after ``release()`` too."""
+        placement = self._placement()
+        return list(check_box(box)) if placement is None else placement.to_source(box)
+
+    def derived_box(self, box: Sequence[float]) -> List[float]:
+        """The inverse of ``source_box``: ``box`` in main-frame pixels, in this frame's pixels."""
+        placement = self._placement()
+        return list(check_box(box)) if placement is None else placement.to_target(box)
+
+    def _placement(self) -> Optional[Placement]:
+        """How this frame was drawn from its main frame; None for a main stream's frame. Read from
+        the ring's header on demand (``_placement.py``), so the frame path carries nothing."""
+        if "." not in self.stream:
+            return None  # a derived stream is always called MAIN.NAME
+        control = self._attachment.control
+        if control is not None:
+            derived = read_derived_info(control)
+        else:
+            derived = self._derived_info_of_current_ring()
+        if derived is None:
+            return None
+        found = placement_of(derived, self.seq)
+        if found is None:
+            raise ValueError(
+                f"frame {self.seq} of stream {self.stream!r} is older than the placements its ring keeps: the main "
+                "stream changed its resolution several times since; map boxes before holding a frame that long"
+            )
+        return found[1]
+
+    def _derived_info_of_current_ring(self) -> Optional[dict]:
+        """The reader has left the segment this frame came from (it grew, or the reader closed):
+        the one serving the stream now keeps the same placements if the same daemon made it."""
+        from ._segment import open_segment
+
+        made_by = self._attachment.segment.header.owner_pid
+        try:
+            segment = open_segment(self.stream, for_status=True)
+        except StreamNotFound:
+            segment = None
+        try:
+            if segment is not None and segment.header.owner_pid == made_by:
+                segment.map(control_writable=False, data_access=None)
+                return read_derived_info(segment.control)
+        finally:
+            if segment is not None:
+                segment.close()
+        raise StreamNotFound(
+            f"frame {self.seq} of stream {self.stream!r} came from a daemon that is gone (pid {made_by}); "
+            "how it was drawn from the main frame went with it: map boxes while its daemon serves the stream"
+        )
 
     def __enter__(self) -> "Frame":
         return self

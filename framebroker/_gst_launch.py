@@ -13,8 +13,12 @@ the pipeline arrives on file descriptor N, never in argv, which every local user
 GStreamer is driven through ctypes on libgstreamer-1.0 (PyGObject does not build from PyPI on
 Debian 12). Like gst-launch-1.0, the pipeline runs until end of stream (exit 0) or an error
 (exit 1); errors and warnings are printed on stderr, one line each:
-``ERROR: <element>: <message> (<detail>)``. SIGTERM ends it at once. ``--has-element NAME``
-exits 0 if this machine's GStreamer has the element, 1 if not.
+``ERROR: <element>: <message> (<detail>)``. SIGINT ends it as ``gst-launch-1.0 -e`` does: the
+sources are sent end of stream, what is in flight flows out, and the pipeline is taken down in
+order once the end reaches the sinks (exit 0). That is how a camera is let go of cleanly
+(Jetson's nvarguscamerasrc wants end of stream to close its Argus session) and how a muxer in
+the pipeline gets to write its index. SIGTERM ends it at once. ``--has-element NAME`` exits 0
+if this machine's GStreamer has the element, 1 if not.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import ctypes
 import json
 import os
+import signal
 import sys
 
 # GstMessageType values (gstmessage.h); extended types share low bits with basic ones, so
@@ -84,6 +89,8 @@ _SIGNATURES = {
     "gst_element_set_state": (ctypes.c_int, [_P, ctypes.c_int]),
     "gst_element_get_bus": (_P, [_P]),
     "gst_element_get_static_pad": (_P, [_P, ctypes.c_char_p]),
+    "gst_element_send_event": (ctypes.c_int, [_P, _P]),
+    "gst_event_new_eos": (_P, []),
     "gst_element_add_property_deep_notify_watch": (ctypes.c_ulong, [_P, ctypes.c_char_p, ctypes.c_int]),
     "gst_bus_timed_pop_filtered": (ctypes.POINTER(Message), [_P, ctypes.c_uint64, ctypes.c_uint]),
     "gst_message_parse_error": (None, [_P, ctypes.POINTER(ctypes.POINTER(GError)), ctypes.POINTER(_P)]),
@@ -105,6 +112,19 @@ _SIGNATURES = {
 
 class Failure(Exception):
     """Ends the launcher with exit 1 and this message on stderr."""
+
+
+class EndRequest:
+    """Remembers a SIGINT until the bus loop can act on it (signal handlers only set flags: the
+    loop runs between waits on the bus, at most ``POLL_NS`` apart)."""
+
+    requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
 
 
 class Gst:
@@ -223,7 +243,7 @@ class CapsReporter:
             print(f"caps {text}", flush=True)
 
 
-def run(gst: Gst, config: dict) -> int:
+def run(gst: Gst, config: dict, end: EndRequest) -> int:
     pipeline = build(gst, list(config["args"]))
     try:
         set_properties(gst, pipeline, config.get("properties") or {})
@@ -232,7 +252,7 @@ def run(gst: Gst, config: dict) -> int:
         try:
             if gst.gst_element_set_state(pipeline, STATE_PLAYING) == STATE_CHANGE_FAILURE:
                 raise Failure(first_error(gst, bus))
-            return watch(gst, pipeline, bus, reporter)
+            return watch(gst, pipeline, bus, reporter, end)
         finally:
             gst.gst_object_unref(bus)
     finally:
@@ -253,9 +273,14 @@ def first_error(gst: Gst, bus: int) -> str:
             gst.gst_mini_object_unref(message)
 
 
-def watch(gst: Gst, pipeline: int, bus: int, reporter: "CapsReporter | None") -> int:
-    """Follow the bus until end of stream (0) or an error (Failure), as gst-launch-1.0 does."""
+def watch(gst: Gst, pipeline: int, bus: int, reporter: "CapsReporter | None", end: EndRequest) -> int:
+    """Follow the bus until end of stream (0) or an error (Failure), as gst-launch-1.0 does;
+    after a SIGINT, send the pipeline end of stream (once) and wait for it to come through."""
+    sent_end = False
     while True:
+        if end.requested and not sent_end:
+            sent_end = True
+            gst.gst_element_send_event(pipeline, gst.gst_event_new_eos())  # takes the event
         message = gst.gst_bus_timed_pop_filtered(bus, POLL_NS, MESSAGE_ANY)
         if reporter is not None:
             reporter.check()
@@ -284,6 +309,8 @@ def main() -> int:
     parser.add_argument("--name", default="", help="a label for ps; not used")
     parser.add_argument("--has-element", metavar="NAME", help="exit 0 if GStreamer has the element NAME, else 1")
     args = parser.parse_args()
+    end = EndRequest()
+    end.install()
     try:
         gst = Gst()
         if args.has_element:
@@ -295,7 +322,7 @@ def main() -> int:
             parser.error("give --config-fd or --has-element")
         with os.fdopen(args.config_fd, "rb") as source:
             config = json.loads(source.read().decode())
-        return run(gst, config)
+        return run(gst, config, end)
     except Failure as failure:
         print(failure, file=sys.stderr, flush=True)
         return 1

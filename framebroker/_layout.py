@@ -213,21 +213,26 @@ PRODUCER_WAITS_OFFSET = LIVE_OFFSET + 112
 # request it refused, the bytes that growth needed, and the most it may take (``--max-shm``).
 GROWTH = struct.Struct("<IIQQ")
 GROWTH_OFFSET = LIVE_OFFSET + 116
+# A results ring only (_results.py): the newest frame its model has dealt with, by publishing a
+# result for it or by saying it skips it; a reader asking for an older frame that has no record
+# knows at once that the model skipped it.
+DEALT_WITH = struct.Struct("<Q")
+DEALT_WITH_OFFSET = LIVE_OFFSET + 140
 # The wake word: the producer adds 1 whenever it wakes its readers (a frame, a state change, a
 # move), then wakes with one FUTEX_WAKE every reader sleeping in FUTEX_WAIT on it (those whose
 # entry has FLAG_FUTEX). See "Wake-ups" in _ring.py.
 WAKE = struct.Struct("<I")
-WAKE_OFFSET = LIVE_OFFSET + 144
+WAKE_OFFSET = LIVE_OFFSET + 148
 REASON_OFFSET = 512
 REASON_SIZE = 512
 SOURCE_OFFSET = 1024
 SOURCE_SIZE = 512
 EXTRA_OFFSET = 1536  # JSON written by the daemon: options shown by status (group, format, ...)
-EXTRA_SIZE = 1024
+EXTRA_SIZE = 2288  # up to the growth request below
 # One byte per reader-table entry, each written only by that entry's reader: it adds 1 when it
 # attaches, changes mode or detaches, so the producer, comparing the whole run with the copy it
 # saw last, knows when to rescan the table. One writer per byte: no update can be lost.
-CHANGES_OFFSET = 2560
+CHANGES_OFFSET = HEADER_SIZE - 256
 CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
 # Just before them, what an attaching reader that found no free token writes to ask a growable
 # ring for more slots: a request count and the frames it wants to hold. Several may write at
@@ -235,6 +240,7 @@ CHANGES_SIZE = 256  # >= the largest table (MAX_SLOTS - 2 entries)
 # this and the change bytes as one run of bytes.
 GROW_REQUEST = struct.Struct("<II")
 GROW_REQUEST_OFFSET = CHANGES_OFFSET - GROW_REQUEST.size
+assert EXTRA_OFFSET + EXTRA_SIZE <= GROW_REQUEST_OFFSET, "the header's fields must not overlap"
 
 # --- per-slot metadata ---------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ log = logging.getLogger("framebroker.publisher")
 DEFAULT_SLOTS = 12
 AUTO_SLOTS = "auto"  # slots="auto": start at DEFAULT_SLOTS, grow when readers need more
 SHRINK_AFTER = 60.0  # seconds a grown ring waits, once readers need no more, before it shrinks
-HISTORY_KEPT = 20  # ring size changes status shows
+HISTORY_KEPT = 8  # ring size changes status shows (they share the header's 2 KiB of JSON)
 # How often a producer that waits for its readers rescans the table anyway (seconds): a reader
 # killed with kill -9 cannot say that it is gone.
 RESCAN_STEP = 0.05
@@ -791,6 +791,15 @@ class Publisher:
         # its encoder) may be about to read in order: lockstep waits for it to say.
         self._holding_entries = ordered + undecided
 
+    def _wake_readers(self) -> None:
+        """Post every attached reader (as a publish does) without publishing a frame: a results
+        ring's writer saying it skips frames (``_results.py``)."""
+        if self._control[GROW_REQUEST_OFFSET : self._changes_end] != self._changes_seen:  # type: ignore[index]
+            self._refresh_readers()
+        for sem in self._wake_list:
+            if sem.value < MAX_PENDING_WAKES:
+                sem.release()
+
     def reader_count(self) -> int:
         """Readers attached right now."""
         self._check_open()
@@ -901,9 +910,11 @@ class Publisher:
         self._write_counters()
 
     def set_info(self, **info: Any) -> None:
-        """Extra key/values shown by ``framebroker status`` for this stream (JSON, 1 KiB)."""
-        self._extra.update(info)
-        self._write_extra()
+        """Extra key/values shown by ``framebroker status`` for this stream (JSON, about 2 KiB in
+        all); ValueError, and nothing changed, if they do not fit."""
+        extra = {**self._extra, **info}
+        self._write_extra(extra)
+        self._extra = extra
 
     def _write_geometry(self) -> None:
         shape = self._shape
@@ -925,8 +936,8 @@ class Publisher:
     def _write_text(self, offset: int, size: int, text: str) -> None:
         self._control[offset : offset + size] = encode_text(text, size)  # type: ignore[index]
 
-    def _write_extra(self) -> None:
-        text = json.dumps(self._extra, separators=(",", ":"))
+    def _write_extra(self, extra: Optional[Dict[str, Any]] = None) -> None:
+        text = json.dumps(self._extra if extra is None else extra, separators=(",", ":"))
         if len(text.encode()) >= EXTRA_SIZE:
             raise ValueError(f"stream info too large for the header ({len(text)} bytes, max {EXTRA_SIZE - 1})")
         self._write_text(EXTRA_OFFSET, EXTRA_SIZE, text)

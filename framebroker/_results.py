@@ -28,20 +28,25 @@ under the same name, as a stream does when its frames grow, and readers follow b
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
+import math
+import json.encoder
+import json.scanner
 import os
 import struct
 import time
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Deque, Dict, Iterator, List, Optional, Union
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Union
 
 import numpy as np
 
 from ._attachment import Attachment
-from ._errors import FrameTimeout, ModelNotFound, ResultExpired, StreamBusy, StreamNotFound
+from ._errors import ClosedError, FrameTimeout, ModelNotFound, ResultExpired, StreamBusy, StreamNotFound
 from ._frame import Frame, check_timeout
 from ._layout import (
+    DEALT_WITH,
+    DEALT_WITH_OFFSET,
     EXTRA_OFFSET,
     EXTRA_SIZE,
     HEAD,
@@ -64,6 +69,8 @@ from ._layout import (
     validate_stream_name,
 )
 from ._lifecycle import Lifecycle
+from ._locks import _F_OFD_SETLK as _SETLK
+from ._locks import _flock as _flock_arg
 from ._publisher import Publisher
 from ._reader import Reader
 from ._segment import Segment, open_segment
@@ -82,10 +89,12 @@ _LATENCY_WINDOW = 512  # results the writer's p50/p99 latency in status is taken
 
 _unpack_meta = META.unpack_from
 _unpack_head = HEAD.unpack_from
+_unpack_record = RECORD.unpack_from
+_unpack_map = MAP_ENTRY.unpack_from
+_fcntl = fcntl.fcntl
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """One model's result for one frame.
 
     ``seq``, ``timestamp_ns`` and ``wall_time`` are the frame's (its capture time); ``published_ns``
@@ -94,7 +103,8 @@ class Result:
     ``{"objects": [{"box": [x, y, w, h], "label": str, "score": float, "id": int}]}`` in pixels of
     the frame they were computed on. ``dropped`` counts this model's results the reader missed
     just before this one (iteration only; results are dropped when a reader falls more than the
-    ring's length behind). ``number`` counts the writer's results from 1.
+    ring's length behind). ``number`` counts the writer's results from 1. A Result is immutable
+    (a named tuple: made by one C call on the read path).
     """
 
     stream: str
@@ -118,6 +128,9 @@ class Result:
         return objects if isinstance(objects, list) else []
 
 
+_new_result = tuple.__new__  # Result(...) without a Python-level __new__: the read path is short
+
+
 def _json_default(value: Any) -> Any:
     # What models hand over most: numpy scalars and arrays (boxes, scores).
     if isinstance(value, np.generic):
@@ -127,20 +140,40 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+# The C encoder and scanner behind json.dumps/json.loads, called directly: the Python layers
+# around them cost more than the work on a cold cache (a model publishes once per frame).
+_c_encode = (
+    json.encoder.c_make_encoder(None, _json_default, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+_c_scan = json.scanner.c_make_scanner(json.JSONDecoder()) if json.scanner.c_make_scanner is not None else None
+
+
 def encode_result(data: object) -> bytes:
     """``data`` as compact JSON; TypeError/ValueError naming what is wrong."""
     if not isinstance(data, dict):
         raise TypeError(f"a result is a dict (JSON object), not {type(data).__name__}")
     try:
-        payload = json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default).encode("utf-8")
+        if _c_encode is not None:
+            payload = "".join(_c_encode(data, 0)).encode("utf-8")
+        else:
+            payload = json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"result data must be JSON-serialisable (numbers finite): {exc}") from None
+    except RecursionError:
+        raise ValueError("result data must be JSON-serialisable: it refers to itself") from None
     if len(payload) > MAX_RESULT_BYTES:
         raise ValueError(
             f"result too large: {len(payload)} bytes encoded, at most {MAX_RESULT_BYTES} (64 KiB); "
             "publish less (boxes, not masks), or keep large data elsewhere and publish where it is"
         )
     return payload
+
+
+def _decode(raw: bytes) -> Dict[str, Any]:
+    text = raw.decode("utf-8")
+    return _c_scan(text, 0)[0] if _c_scan is not None else json.loads(text)  # type: ignore[no-any-return]
 
 
 class _StreamWatch:
@@ -225,6 +258,11 @@ class _RecordRing(Publisher):
         flat[RECORD.size : used] = np.frombuffer(payload, np.uint8)
         return self._commit(slot, timestamp_ns, seq, wall, (1, used, 1, PixelFormat.GRAY, used))
 
+    def skip(self, seq: int) -> None:
+        """The model is done with every frame up to ``seq``: say so, and wake waiting readers."""
+        DEALT_WITH.pack_into(self._control, DEALT_WITH_OFFSET, seq)
+        self._wake_readers()
+
     def renew(self, extra: Dict[str, Any]) -> None:
         """Move to a fresh ring under the same name (a new daemon serves the stream)."""
         self._extra.update(extra)
@@ -301,45 +339,94 @@ class ResultWriter:
     def model(self) -> str:
         return self._model
 
-    def publish(self, frame: Union[Frame, int], data: Dict[str, Any], *, timestamp_ns: Optional[int] = None) -> None:
-        """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq)."""
+    def publish(
+        self,
+        frame: Union[Frame, int],
+        data: Dict[str, Any],
+        *,
+        timestamp_ns: Optional[int] = None,
+        wall_time: Optional[float] = None,
+    ) -> None:
+        """Publish ``data`` as this model's result for ``frame`` (a Frame, or a frame's seq; with
+        a seq, ``timestamp_ns`` and ``wall_time`` may give the frame's capture time, as a relay
+        of another machine's results knows it)."""
+        ring = self._open_ring()
+        payload = encode_result(data)
+        if wall_time is not None:
+            if isinstance(frame, Frame) or timestamp_ns is None:
+                raise TypeError("wall_time goes with a seq and its timestamp_ns (a Frame has its own)")
+            if isinstance(wall_time, bool) or not isinstance(wall_time, (int, float)) or not math.isfinite(wall_time):
+                raise TypeError(f"wall_time must be a finite number of epoch seconds, not {wall_time!r}")
+        seq, epoch, stamp, wall = self._frame(frame, timestamp_ns, need_time=True)
+        if wall_time is not None:
+            wall = float(wall_time)
+        if not self._advance(ring, seq, epoch):
+            return  # a frame of a daemon that is gone: its results have nobody to join them
+        self._number += 1
+        ring.write(seq, stamp, wall, self._number, epoch, payload)
+        self._latencies.append(time.monotonic_ns() - stamp)
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + 0.5
+            self._write_stats(ring)
+
+    def skip(self, frame: Union[Frame, int]) -> None:
+        """Say that this model will publish nothing for ``frame`` (a Frame, or a frame's seq), nor
+        for any frame before it it has not published a result for: a reader's ``get()`` of those
+        frames then answers None at once instead of waiting for a later result. Optional: a model
+        that publishes a later frame's result says the same implicitly."""
+        ring = self._open_ring()
+        seq, epoch, _stamp, _wall = self._frame(frame, None, need_time=False)
+        if self._advance(ring, seq, epoch):
+            ring.skip(seq)
+
+    def _open_ring(self) -> _RecordRing:
         ring = self._ring
         if ring is None or self._state is not Lifecycle.OPEN:
-            from ._errors import ClosedError
-
             raise ClosedError(f"ResultWriter of model {self._model!r} on stream {self._stream!r} is closed")
-        payload = encode_result(data)
+        return ring
+
+    def _frame(self, frame: Union[Frame, int], timestamp_ns: Optional[int], need_time: bool) -> tuple:
+        """(seq, the daemon's epoch, capture timestamp_ns, wall time) of the frame a result is for."""
         if isinstance(frame, Frame):
+            if frame.stream.startswith(self._stream + "."):
+                raise ValueError(
+                    f"frame {frame.seq} is from the derived stream {frame.stream!r}: publish its result on {self._stream!r} "
+                    "by seq, publish(frame.seq, data, timestamp_ns=frame.timestamp_ns, wall_time=frame.wall_time), "
+                    "with its boxes mapped to the main frame through frame.source_box(box)"
+                )
             if frame.stream != self._stream:
                 raise ValueError(f"frame {frame.seq} is from stream {frame.stream!r}, this writer publishes on {self._stream!r}")
-            seq, epoch = frame.seq, frame._attachment.epoch
-            stamp, wall = frame.timestamp_ns, frame.wall_time
             if timestamp_ns is not None:
                 raise TypeError("timestamp_ns is the frame's own when a Frame is given; pass it only with a seq")
-        elif isinstance(frame, (int, np.integer)) and not isinstance(frame, bool):
-            seq = int(frame)
-            if seq < 1:
-                raise ValueError(f"seq must be a frame number >= 1, got {seq}")
-            segment = self._watch.segment  # type: ignore[union-attr]
-            epoch = segment.header.epoch
-            if timestamp_ns is None:
-                found = self._watch.capture_time(seq)  # type: ignore[union-attr]
-                if found is None:
-                    raise ValueError(
-                        f"frame {seq} of stream {self._stream!r} is no longer in its ring, so its capture time is "
-                        "unknown: pass timestamp_ns= (CLOCK_MONOTONIC), or publish with the Frame"
-                    )
-                stamp, wall = found
-            else:
-                if isinstance(timestamp_ns, bool) or not isinstance(timestamp_ns, (int, np.integer)):
-                    raise TypeError(f"timestamp_ns must be an int (CLOCK_MONOTONIC ns), not {type(timestamp_ns).__name__}")
-                stamp = int(timestamp_ns)
-                wall = time.time() - (time.monotonic_ns() - stamp) / 1e9
-        else:
-            raise TypeError(f"publish() takes a Frame or a frame's seq (int), not {type(frame).__name__}")
+            return frame.seq, frame._attachment.epoch, frame.timestamp_ns, frame.wall_time
+        if not isinstance(frame, (int, np.integer)) or isinstance(frame, bool):
+            raise TypeError(f"takes a Frame or a frame's seq (int), not {type(frame).__name__}")
+        seq = int(frame)
+        if seq < 1:
+            raise ValueError(f"seq must be a frame number >= 1, got {seq}")
+        epoch = self._watch.segment.header.epoch  # type: ignore[union-attr]
+        if not need_time:
+            return seq, epoch, 0, 0.0
+        if timestamp_ns is None:
+            found = self._watch.capture_time(seq)  # type: ignore[union-attr]
+            if found is None:
+                raise ValueError(
+                    f"frame {seq} of stream {self._stream!r} is no longer in its ring, so its capture time is "
+                    "unknown: pass timestamp_ns= (CLOCK_MONOTONIC), or publish with the Frame"
+                )
+            return (seq, epoch, *found)
+        if isinstance(timestamp_ns, bool) or not isinstance(timestamp_ns, (int, np.integer)):
+            raise TypeError(f"timestamp_ns must be an int (CLOCK_MONOTONIC ns), not {type(timestamp_ns).__name__}")
+        stamp = int(timestamp_ns)
+        return seq, epoch, stamp, time.time() - (time.monotonic_ns() - stamp) / 1e9
+
+    def _advance(self, ring: _RecordRing, seq: int, epoch: int) -> bool:
+        """Check that ``seq`` comes after the last frame dealt with (following a new daemon to a
+        new ring); False for a frame of a daemon that is gone."""
         if epoch != self._stream_epoch:
             if epoch != self._watch.segment.header.epoch:  # type: ignore[union-attr]
-                return  # a frame of a daemon that is gone: its results have nobody to join them
+                return False
             self._stream_epoch = epoch
             self._last_seq = 0
             ring.renew({"stream_epoch": epoch})
@@ -348,14 +435,8 @@ class ResultWriter:
                 f"results are published in frame order: seq {seq} comes after {self._last_seq} "
                 f"(model {self._model!r} on stream {self._stream!r})"
             )
-        self._number += 1
-        ring.write(seq, stamp, wall, self._number, epoch, payload)
         self._last_seq = seq
-        self._latencies.append(time.monotonic_ns() - stamp)
-        now = time.monotonic()
-        if now >= self._next_stats:
-            self._next_stats = now + 0.5
-            self._write_stats(ring)
+        return True
 
     def _write_stats(self, ring: _RecordRing) -> None:
         ordered = sorted(self._latencies)
@@ -398,6 +479,7 @@ class _RecordReader(Reader):
         self.model = model
         self._display_stream = stream
         self._last_number = 0
+        self._oldest_first = False
         self._epochs: Dict[int, int] = {}  # id(attachment) -> the stream epoch its ring is for
         self._open(results_ring_name(stream, model), f"model {model!r} of stream {stream!r}", name, 1, wait)
 
@@ -408,11 +490,17 @@ class _RecordReader(Reader):
         return moved
 
     def _lease(self, attachment: Attachment, slot: int, target: int, mode: int) -> Optional[Result]:  # type: ignore[override]
-        """Copy the record of frame ``target`` out of ``slot`` under a lease, then let it go."""
+        """Copy the record of frame ``target`` out of ``slot`` under a lease, then let it go.
+
+        The lock calls go straight to fcntl with the argument prepared for the slot (see
+        ByteLocks): this is the whole read path of a result, run cold once per frame.
+        """
         if slot >= attachment.slot_count:
             return None
-        locks = attachment.locks
-        if not locks.try_shared(LOCK_SLOT_BASE + slot):
+        fd, lock, unlock = attachment.segment.fd, self._share_args[slot], self._unlock_args[slot]
+        try:
+            _fcntl(fd, _SETLK, lock)
+        except BlockingIOError:
             return None
         try:
             seq, timestamp_ns, wall, _h, _w, _c, _fmt, used = _unpack_meta(attachment.control, attachment.layout.meta(slot))  # type: ignore[arg-type]
@@ -421,9 +509,9 @@ class _RecordReader(Reader):
             start = attachment.layout.slot_data(slot)
             raw = attachment.data[start : start + used]  # type: ignore[index]
         finally:
-            locks.unlock(LOCK_SLOT_BASE + slot)
-        number, published_ns, _epoch, length = RECORD.unpack_from(raw)
-        data = json.loads(raw[RECORD.size : RECORD.size + length])
+            _fcntl(fd, _SETLK, unlock)
+        number, published_ns, _epoch, length = _unpack_record(raw)
+        data = _decode(raw[RECORD.size : RECORD.size + length])
         dropped = 0
         if mode == ReaderMode.ORDERED:
             # Only iteration moves the cursor: get() and latest() look, wherever they look.
@@ -434,7 +522,30 @@ class _RecordReader(Reader):
             self._last_seq = seq
         self._frames += 1
         self._progress_due = True
-        return Result(self._display_stream, self.model, seq, timestamp_ns, wall, published_ns, data, number, dropped)
+        return _new_result(Result, (self._display_stream, self.model, seq, timestamp_ns, wall, published_ns, data, number, dropped))
+
+    def _attach(self) -> Attachment:
+        attachment = super()._attach()
+        slots = range(attachment.slot_count)
+        self._share_args = [_flock_arg(fcntl.F_RDLCK, LOCK_SLOT_BASE + k) for k in slots]
+        self._unlock_args = [_flock_arg(fcntl.F_UNLCK, LOCK_SLOT_BASE + k) for k in slots]
+        return attachment
+
+    def start_at_oldest(self) -> None:
+        """The next ordered result is the oldest the ring keeps (not the newest)."""
+        self._oldest_first = True
+
+    def _get(self, mode: int, timeout: Optional[float]) -> Result:  # type: ignore[override]
+        if self._oldest_first and mode == ReaderMode.ORDERED:
+            self._oldest_first = False
+            attachment = self._current()
+            if self._mode != mode:
+                self._mode = mode
+                attachment.set_mode(mode)
+            found = self._oldest_after(attachment, 0)
+            if found is not None:
+                return found  # type: ignore[return-value]
+        return super()._get(mode, timeout)  # type: ignore[return-value]
 
     def stream_epoch(self, attachment: Attachment) -> int:
         """The epoch of the daemon whose frames this results ring is about."""
@@ -451,40 +562,36 @@ class _RecordReader(Reader):
 
     def find(self, seq: int, timeout: Optional[float], frame_epoch: int) -> Optional[Result]:
         """``get``: the result of frame ``seq``, None if the model skipped it (see ResultReader)."""
-        deadline = None if timeout is None else time.monotonic() + check_timeout(timeout)
+        attachment = self._current()
         if self._mode != ReaderMode.LIVE:
             self._mode = ReaderMode.LIVE
-            self._current().set_mode(ReaderMode.LIVE)
+            attachment.set_mode(ReaderMode.LIVE)
+        deadline = None
         while True:
-            attachment = self._current()
-            if self._progress_due:
-                self._write_progress(attachment)
             newest, _slot, state = _unpack_head(attachment.control, LIVE_OFFSET)  # type: ignore[arg-type]
             if state == StreamState.REPLACED:
                 self._orphaned = True
                 self._reattach()
+                attachment = self._current()
                 continue
             ring_epoch = self.stream_epoch(attachment) if frame_epoch else 0
             current = not frame_epoch or not ring_epoch or ring_epoch == frame_epoch
             if current and newest >= seq and not self._orphaned:
-                layout = attachment.layout
-                (slot,) = MAP_ENTRY.unpack_from(attachment.control, layout.map_entry(seq))  # type: ignore[arg-type]
+                # The common case first, in few steps: the map names the slot, the lease checks it.
+                (slot,) = _unpack_map(attachment.control, attachment.layout.map_entry(seq))  # type: ignore[arg-type]
                 found = self._lease(attachment, slot, seq, ReaderMode.LIVE)
                 if found is not None:
                     return found
-                seqs = [_unpack_meta(attachment.control, layout.meta(k))[0] for k in range(layout.slot_count)]  # type: ignore[arg-type]
-                if seq in seqs:
-                    found = self._lease(attachment, seqs.index(seq), seq, ReaderMode.LIVE)
-                    if found is not None:
-                        return found
-                    continue  # being rewritten this very moment: look again (it is then gone)
-                kept = [s for s in seqs if s]
-                if kept and seq < min(kept):
-                    raise ResultExpired(
-                        f"the result of frame {seq} is no longer kept by model {self.model!r} of stream "
-                        f"{self._display_stream!r} (it keeps {len(kept)}, from frame {min(kept)}): ask sooner, or iterate"
-                    )
-                return None  # the model published a later frame's result and none for this one
+                found = self._search(attachment, seq)
+                if found is not False:
+                    return found  # type: ignore[return-value]
+                continue  # being rewritten this very moment: look again (it is then gone)
+            if current and not self._orphaned and DEALT_WITH.unpack_from(attachment.control, DEALT_WITH_OFFSET)[0] >= seq:  # type: ignore[arg-type]
+                return None  # the model said it skips this frame (and publishes nothing later yet)
+            if deadline is None and timeout is not None:
+                deadline = time.monotonic() + check_timeout(timeout)
+            if self._progress_due:
+                self._write_progress(attachment)  # figures for status: before waiting, not after
             try:
                 self._wait(attachment, deadline, newest)
             except FrameTimeout:
@@ -492,6 +599,22 @@ class _RecordReader(Reader):
                     f"no result yet for frame {seq} from model {self.model!r} of stream {self._display_stream!r} "
                     f"(its newest is for frame {newest if current else 'of an earlier daemon'})"
                 ) from None
+            attachment = self._current()
+
+    def _search(self, attachment: Attachment, seq: int) -> "Union[Optional[Result], bool]":
+        """The map did not lead to frame ``seq``'s record: look at every slot. The result, None if
+        the model skipped the frame, False to look again; ResultExpired if it is no longer kept."""
+        layout = attachment.layout
+        seqs = [_unpack_meta(attachment.control, layout.meta(k))[0] for k in range(layout.slot_count)]  # type: ignore[arg-type]
+        if seq in seqs:
+            return self._lease(attachment, seqs.index(seq), seq, ReaderMode.LIVE) or False
+        kept = [s for s in seqs if s]
+        if kept and seq < min(kept):
+            raise ResultExpired(
+                f"the result of frame {seq} is no longer kept by model {self.model!r} of stream "
+                f"{self._display_stream!r} (it keeps {len(kept)}, from frame {min(kept)}): ask sooner, or iterate"
+            )
+        return None  # the model published a later frame's result and none for this one
 
 
 class ResultReader:
@@ -535,8 +658,6 @@ class ResultReader:
     def _records(self) -> _RecordReader:
         reader = self._reader
         if reader is None:
-            from ._errors import ClosedError
-
             raise ClosedError(f"ResultReader of model {self._model!r} on stream {self._stream!r} is closed")
         return reader
 
@@ -577,9 +698,13 @@ class ResultReader:
         self._latest = result = reader._get(ReaderMode.LIVE, timeout)  # type: ignore[assignment]
         return result
 
-    def ordered(self, timeout: Optional[float] = None) -> Iterator[Result]:
-        """Every result in order; ``timeout`` bounds each wait (``FrameTimeout``, iterator usable)."""
-        return self._records().ordered(timeout)  # type: ignore[return-value]
+    def ordered(self, timeout: Optional[float] = None, *, oldest: bool = False) -> Iterator[Result]:
+        """Every result in order, from the newest (or, ``oldest=True``, from the oldest the ring
+        still keeps); ``timeout`` bounds each wait (``FrameTimeout``, the iterator stays usable)."""
+        reader = self._records()
+        if oldest:
+            reader.start_at_oldest()
+        return reader.ordered(timeout)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[Result]:
         return self.ordered(None)

@@ -2,7 +2,7 @@
 
 Everything here reads segments through a read-only mapping and decides liveness from OFD locks
 (``_ring.py``), so it needs no cooperation from the daemon, works when the daemon is dead, and
-never disturbs a reader. The JSON schema it produces is documented in README.md.
+never disturbs a reader. The JSON schema it produces is documented in docs/status.md.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ._layout import (
     StreamState,
     decode_text,
 )
+from ._placement import INFO_KEY as DERIVED_INFO_KEY, placement_of
 from ._reader import RATE_WINDOW_NS
 from ._results import model_ring_names
 from ._segment import Segment, list_stream_names, open_segment
@@ -52,6 +53,18 @@ def _json_text(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return {"text": raw}
+
+
+def _read_extra(control: Any) -> Any:
+    """The producer's JSON (EXTRA) field. The producer rewrites it in place now and then, so a
+    read may catch half a rewrite: read until two reads agree."""
+    raw = bytes(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])
+    for _ in range(5):
+        again = bytes(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE])
+        if again == raw:
+            break
+        raw = again
+    return _json_text(decode_text(raw))
 
 
 def describe_readers(segment: Segment) -> list[dict[str, Any]]:
@@ -100,7 +113,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
     layout = segment.layout
     newest, _slot, state, last_mono_ns, last_wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     published = newest  # every published frame gets the next seq
-    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
+    info = _read_extra(control)
     fmt, height, width, channels = GEOMETRY.unpack_from(control, GEOMETRY_OFFSET)
     configured_fps, measured_fps, source_drops, publisher_drops, reconnects, source_errors = COUNTERS.unpack_from(control, COUNTERS_OFFSET)
     (state_since,) = STATE_SINCE.unpack_from(control, STATE_SINCE_OFFSET)
@@ -146,6 +159,7 @@ def describe_segment(segment: Segment) -> dict[str, Any]:
         "gid": segment.gid,
         "info": info,
         **_ring_growth(info),
+        **_derivation(info, newest, source_drops),
         "readers": describe_readers(segment),
         "models": describe_models(segment.stream, newest, header.epoch),
     }
@@ -161,6 +175,43 @@ def _ring_growth(info: Any) -> dict[str, Any]:
         "starting_slots": ring.get("starting_slots"),
         "ring_history": ring.get("history", []),
     }
+
+
+def _derivation(info: Any, newest: int, source_drops: int) -> dict[str, Any]:
+    """What a derived stream (``serve --derive``) is made from: nulls for a main stream."""
+    derived = info.get(DERIVED_INFO_KEY) if isinstance(info, dict) else None
+    if not isinstance(derived, dict):
+        return {"derived_from": None, "derive": None}
+    found = placement_of(derived, newest) if newest else None
+    return {
+        "derived_from": derived.get("from"),
+        "derive": {
+            "name": derived.get("name"),
+            "mode": derived.get("mode"),
+            # Where the newest frame's picture comes from and goes (null before the first frame).
+            "from_seq": found[0] if found else None,
+            "source_box": list(found[1].source) if found else None,
+            "target_box": list(found[1].target) if found else None,
+        },
+        # The main stream's frames this one did not draw because it was busy with an earlier one.
+        "skipped": source_drops,
+    }
+
+
+def group_derived(streams: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each derived stream into its main stream's ``derived`` list, when that is among
+    ``streams``; the others (main streams, and derived ones whose main is not listed) in order."""
+    by_name = {stream["name"]: stream for stream in streams}
+    grouped = []
+    for stream in streams:
+        stream.setdefault("derived", [])
+    for stream in streams:
+        main = by_name.get(stream.get("derived_from") or "")
+        if main is not None and main is not stream:
+            main["derived"].append(stream)
+        else:
+            grouped.append(stream)
+    return grouped
 
 
 def describe_models(stream: str, stream_seq: int, stream_epoch: int) -> list[dict[str, Any]]:
@@ -185,7 +236,7 @@ def _describe_model(segment: Segment, model: str, stream_seq: int, stream_epoch:
     assert control is not None
     newest, _slot, state, last_mono_ns, _wall = FRAME_COUNTERS.unpack_from(control, FRAME_COUNTERS_OFFSET)
     measured = COUNTERS.unpack_from(control, COUNTERS_OFFSET)[1]
-    info = _json_text(decode_text(control[EXTRA_OFFSET : EXTRA_OFFSET + EXTRA_SIZE]))
+    info = _read_extra(control)
     alive = segment.owner_alive()
     now_mono = time.monotonic_ns()
     age = (now_mono - last_mono_ns) / 1e9 if last_mono_ns else None
@@ -228,12 +279,14 @@ def describe_stream(name: str) -> dict[str, Any]:
 
 def collect(name: Optional[str] = None) -> dict[str, Any]:
     """The whole ``status --json`` document."""
-    names = [name] if name is not None else list_stream_names()
+    every = list_stream_names()
+    # A stream's derived streams are called NAME.SOMETHING: listed with it, under it.
+    names = every if name is None else [name] + [n for n in every if n.startswith(name + ".") and "." not in n[len(name) + 1 :]]
     return {
         "schema": SCHEMA_VERSION,
         "time": time.time(),
         "host": os.uname().nodename,
-        "streams": [describe_stream(n) for n in names],
+        "streams": group_derived([describe_stream(n) for n in names]),
         # framebroker up's children (of stream ``name`` only, if given): _supervision.py
         "supervisors": describe_supervisors(name),
     }
@@ -307,23 +360,61 @@ def render_table(document: dict[str, Any]) -> str:
             f"{stream['slots']} slots, {stream['shm_bytes'] / (1 << 20):.1f} MiB, mode {stream['mode']}"
         )
         lines.extend(_growth_lines(stream))
-        readers = stream["readers"]
-        if not readers:
-            lines.append("  no readers")
-        else:
-            lines.append(f"  {'PID':>7}  {'NAME':<18} {'MODE':<8} {'FPS':>6} {'LAG':>5} {'DROPPED':>8} {'HELD':>5}  {'SINCE':<8}  INFO")
-            for reader in readers:
-                info = reader["info"]
-                info_text = " ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else str(info)
-                lag = "-" if reader["lag"] is None else str(reader["lag"])
-                lines.append(
-                    f"  {reader['pid']:>7}  {reader['name'][:18]:<18} {reader['mode']:<8} {reader['fps']:>6.1f} {lag:>5} "
-                    f"{reader['dropped']:>8} {reader['held']:>2}/{reader['hold']:<2}  {_since(reader['attached_since']):<8}  {info_text}"
-                )
+        lines.extend(_replay_lines(stream))
+        lines.extend(_link_lines(stream))
+        if stream.get("derived_from"):
+            lines.append(f"  derived from stream {stream['derived_from']}: {_derived_geometry(stream)}, {stream['skipped']} skipped")
+            lines.extend(_placement_lines(stream, "  "))
+        lines.extend(_reader_lines(stream["readers"], "  "))
         for model in stream.get("models", []):
             lines.extend(_model_lines(model))
+        for derived in stream.get("derived", []):
+            lines.extend(_derived_lines(derived, now))
         lines.append("")
     return "\n".join(lines + supervisors).rstrip() + "\n"
+
+
+def _reader_lines(readers: list[dict[str, Any]], indent: str) -> list[str]:
+    if not readers:
+        return [f"{indent}no readers"]
+    lines = [f"{indent}{'PID':>7}  {'NAME':<18} {'MODE':<8} {'FPS':>6} {'LAG':>5} {'DROPPED':>8} {'HELD':>5}  {'SINCE':<8}  INFO"]
+    for reader in readers:
+        info = reader["info"]
+        info_text = " ".join(f"{k}={v}" for k, v in info.items()) if isinstance(info, dict) else str(info)
+        lag = "-" if reader["lag"] is None else str(reader["lag"])
+        lines.append(
+            f"{indent}{reader['pid']:>7}  {reader['name'][:18]:<18} {reader['mode']:<8} {reader['fps']:>6.1f} {lag:>5} "
+            f"{reader['dropped']:>8} {reader['held']:>2}/{reader['hold']:<2}  {_since(reader['attached_since']):<8}  {info_text}"
+        )
+    return lines
+
+
+def _derived_lines(derived: dict[str, Any], now: float) -> list[str]:
+    """A derived stream under its main stream: geometry, rate, frames skipped, where the main
+    picture goes, then its own readers and models."""
+    if "error" in derived:
+        return [f"  derived {derived['name']}: {derived['state']}: {derived['error']}"]
+    state = "" if derived["state"] == "streaming" else f"; {state_line(derived, now)}"
+    lines = [f"  derived {derived['name']}: {_derived_geometry(derived)}, {derived['measured_fps']:.1f} fps, {derived['skipped']} skipped{state}"]
+    lines.extend(_placement_lines(derived, "    "))
+    lines.extend(_reader_lines(derived["readers"], "    "))
+    for model in derived.get("models", []):
+        lines.extend("  " + line for line in _model_lines(model))
+    return lines
+
+
+def _derived_geometry(stream: dict[str, Any]) -> str:
+    return f"{stream['width']}x{stream['height']} {stream['format']} {(stream['derive'] or {}).get('mode')}"
+
+
+def _placement_lines(stream: dict[str, Any], indent: str) -> list[str]:
+    """Where the main picture goes, unless it is simply all of it into all of this one (X
+    geometry: WxH+X+Y)."""
+    derive = stream["derive"] or {}
+    source, target = derive.get("source_box"), derive.get("target_box")
+    if not source or not target or derive.get("mode") == "stretch":
+        return []
+    return [indent + "main frame {2}x{3}+{0}+{1} drawn at {6}x{7}+{4}+{5}".format(*source, *target)]
 
 
 def _growth_lines(stream: dict[str, Any]) -> list[str]:
@@ -340,6 +431,54 @@ def _growth_lines(stream: dict[str, Any]) -> list[str]:
     return [text]
 
 
+def _replay_lines(stream: dict[str, Any]) -> list[str]:
+    """A replayed file (``info.replay``, see _replay.py): its pace, where it is, whom it waits for."""
+    info = stream.get("info")
+    replay = info.get("replay") if isinstance(info, dict) else None
+    if not isinstance(replay, dict):
+        return []
+    frames = f"/{replay['frames']}" if replay.get("frames") else ""
+    duration = f"/{replay['duration_s']:.2f}" if replay.get("duration_s") else ""
+    line = f"  replay pace {replay.get('pace')}   frame {replay.get('frame', 0)}{frames}   time {replay.get('time_s', 0.0):.2f}{duration} s"
+    if replay.get("pass", 1) > 1:
+        line += f"   pass {replay['pass']}"
+    line += "   recorded seq and wall time" if replay.get("recorded") else "   new seqs (no index)"
+    if replay.get("results"):
+        line += f"   results of {replay['results']} model(s) republished"
+    lines = [line]
+    waiting = replay.get("waiting_for")
+    if waiting:
+        names = ", ".join(f"{r['name']!r} (pid {r['pid']}, took frame {r['last_seq']})" for r in waiting)
+        more = replay.get("waiting_count", len(waiting)) - len(waiting)
+        lines.append(f"  lockstep: waiting {replay.get('waiting_s', 0.0):.1f} s for {names}{f' and {more} more' if more > 0 else ''}")
+    return lines
+
+
+def _link_lines(stream: dict[str, Any]) -> list[str]:
+    """Zenoh links (``framebroker bridge``, ``serve zenoh://``): a remote stream's origin, link and
+    latency from capture there to publish here; a bridge's remotes, their latency and losses."""
+    lines = []
+    info = stream.get("info")
+    remote = info.get("remote") if isinstance(info, dict) else None
+    if isinstance(remote, dict):
+        latency = "-" if remote.get("latency_p50_ms") is None else f"{remote['latency_p50_ms']:.1f}/{remote.get('latency_p99_ms', 0):.1f} ms"
+        lines.append(
+            f"  remote: from {remote.get('origin')} ({remote.get('origin_state')}) over zenoh {remote.get('key')}   "
+            f"link {remote.get('link')} ({remote.get('peers')} peers)   capture to here p50/p99 {latency}   "
+            f"lost on link {remote.get('lost')}   skipped to keyframe {remote.get('skipped')}"
+        )
+    for reader in stream.get("readers", []):
+        bridge = reader.get("info")
+        if not (isinstance(bridge, dict) and bridge.get("out") == "zenoh" and "link" in bridge):
+            continue
+        latency = "-" if bridge.get("remote_ms") is None else f"{bridge['remote_ms']:.1f} ms"
+        lines.append(
+            f"  bridge pid {reader['pid']}: zenoh framebroker/{stream['name']}/video   link {bridge['link']} ({bridge.get('peers')} peers, "
+            f"{bridge.get('remotes')} remotes)   capture to remote p50 {latency}   lost on link {bridge.get('lost')}"
+        )
+    return lines
+
+
 def _model_lines(model: dict[str, Any]) -> list[str]:
     if "error" in model:
         return [f"  model {model['name']}: {model['state']}: {model['error']}"]
@@ -353,4 +492,14 @@ def _model_lines(model: dict[str, Any]) -> list[str]:
     ]
 
 
-__all__ = ["SCHEMA_VERSION", "collect", "describe_models", "describe_readers", "describe_segment", "describe_stream", "render_table", "state_line"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "collect",
+    "describe_models",
+    "describe_readers",
+    "describe_segment",
+    "describe_stream",
+    "group_derived",
+    "render_table",
+    "state_line",
+]

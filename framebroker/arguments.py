@@ -16,13 +16,21 @@ import argparse
 import math
 from typing import Callable
 
-from ._layout import MAX_SLOTS, MIN_SLOTS, validate_stream_name
+from ._layout import MAX_SLOTS, MIN_SLOTS, validate_model_name, validate_stream_name
 
 
 def stream_name(text: str) -> str:
     """A valid stream name (``[A-Za-z0-9_.-]``, 1-64 characters)."""
     try:
         return validate_stream_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def model_name(text: str) -> str:
+    """A valid model name (results of ``fb.ResultWriter``: the rules of stream names)."""
+    try:
+        return validate_model_name(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -59,7 +67,7 @@ def float_in(low: float, high: float, what: str, *, low_inclusive: bool = False)
     return parse
 
 
-__all__ = ["float_in", "int_in", "stream_name"]
+__all__ = ["float_in", "int_in", "model_name", "size_bytes", "slots", "stream_name"]
 
 
 def slots(text: str) -> "int | str":

@@ -1,7 +1,7 @@
 """The ``framebroker`` command: one entry point for the daemon, status, and every client.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (faces, motion, read,
-record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
+Exit codes: 0 success, 1 runtime failure, 2 usage error. Client commands (bridge, faces, motion,
+read, record, snapshot, view) live in the ``framebroker_clients`` package (the repository's
 ``clients/`` folder) and use only the public API. A client module is imported only when its
 command is parsed: ``framebroker --help`` lists every command from ``CLIENT_COMMANDS`` alone,
 and ``framebroker record --help`` imports the recorder to show its options.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ._errors import FrameBrokerError
 from . import arguments
+from ._layout import MAX_SLOTS
 from .arguments import float_in, int_in, stream_name
 
 if TYPE_CHECKING:
@@ -36,12 +37,13 @@ CLIENTS_PACKAGE = "framebroker_clients"
 
 # command -> (module in framebroker_clients, one-line help)
 CLIENT_COMMANDS = {
-    "faces": ("face_detector", "example ML consumer: Haar-cascade face detector printing what it finds"),
-    "motion": ("motion_detector", "example ML consumer: motion detector printing moving regions"),
+    "faces": ("face_detector", "example ML consumer: Haar-cascade face detector; publishes its boxes as model 'faces'"),
+    "motion": ("motion_detector", "example ML consumer: motion detector; publishes moving regions as model 'motion'"),
     "read": ("plain_reader", "plain reader: prints the frames it gets (rate, frame age, frames skipped)"),
-    "record": ("recorder", "recorder: H.264 with true timestamps, to a file (.ts, .mp4, .mkv), segments, UDP or SRT, and event clips"),
-    "view": ("preview", "browser preview: live MJPEG picture, status page and Prometheus /metrics (127.0.0.1:8080)"),
+    "record": ("recorder", "recorder: H.264 with true timestamps, one encode for every output: files (.ts, .mp4, .mkv), segments, RTSP/SRT/UDP streams, event clips"),
+    "view": ("preview", "browser preview: live picture with the models' boxes, status page and Prometheus /metrics (127.0.0.1:8080)"),
     "snapshot": ("snapshot", "save the stream's current picture: framebroker snapshot NAME -o FILE.jpg (or .png)"),
+    "bridge": ("bridge", "frames (H.264), status and results of a stream to other machines through Zenoh; remotes serve zenoh://NAME"),
 }
 
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -118,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon that owns a camera and feeds its ring (foreground)",
         description=(
             "Run the camera daemon in the foreground. SOURCE is test://, file:///path.mp4 (or a path; ?loop=1), "
-            "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200) "
-            "or gst://PIPELINE. A file must exist at start; a camera or server that is not there (yet) or fails is "
-            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly."
+            "v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://[user:pass@]host/path (?latency=200), "
+            "gst://PIPELINE or zenoh://STREAM?connect=tcp/HOST:7447 (a stream framebroker bridge publishes on another "
+            "machine). A file must exist at start; a camera or server that is not there (yet) or fails is "
+            "retried with backoff, said once in the log and always in framebroker status. SIGTERM/SIGINT stop cleanly. "
+            "A file plays once (?loop=1: again and again) at the --pace chosen."
         ),
     )
     serve.add_argument("source", metavar="SOURCE", help="camera URI (see above)")
@@ -148,10 +152,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="a grown ring goes back to its starting size once readers have needed no more for S seconds (default 60)",
     )
     serve.add_argument("--group", help="open the stream to this group (mode 0660) instead of private (0600)")
+    serve.add_argument(
+        "--derive",
+        action="append",
+        type=_derive_spec,
+        metavar="NAME=WxH[:FORMAT][:MODE]",
+        help="also publish the stream <--name>.NAME (e.g. cam0.lores): every frame resized to WxH once, in the daemon, "
+        "for every reader that needs it; FORMAT bgr (default), rgb or gray; MODE stretch (default), letterbox "
+        "(whole picture, black bars) or crop (centre, filled). Same seq and timestamps as the main frame; "
+        "frame.source_box() maps boxes back. Repeatable: --derive lores=640x360:rgb --derive det=640x640:rgb:letterbox",
+    )
+    replay = serve.add_argument_group(
+        "replaying a file",
+        "A file is a stream too, at its own timing or faster; a file framebroker recorded keeps its frames' seq "
+        "and wall time (from its index beside it: the same name with .csv).",
+    )
+    replay.add_argument(
+        "--pace",
+        choices=["realtime", "max", "lockstep"],
+        help="realtime (default): at the file's own timing, holes included; max: as fast as it decodes; "
+        "lockstep: each frame only once every ordered() reader took the previous one (no frame lost, "
+        "the producer waits: for offline runs)",
+    )
+    replay.add_argument(
+        "--wait-readers",
+        type=int_in(0, MAX_SLOTS, "--wait-readers"),
+        default=0,
+        metavar="K",
+        help="hold the first frame until K readers are attached",
+    )
+    replay.add_argument(
+        "--results",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="republish the recording's model results on their frames (default PATH: FILE.results.jsonl, "
+        "else FILE's name with .results.jsonl)",
+    )
 
     status = commands.add_parser("status", help="show streams, their cameras and every reader")
     status.add_argument("name", nargs="?", type=stream_name, metavar="NAME", help="only this stream")
-    status.add_argument("--json", action="store_true", help="machine-readable output (schema in README.md)")
+    status.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/status.md)")
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     status.add_argument("--interval", type=float_in(0.05, 3600, "--interval"), default=1.0, help="seconds between --watch refreshes")
 
@@ -203,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run a test:// daemon with the example consumers and a live status summary",
-        description="Start a daemon on test://, the face and motion detectors and a plain reader, each in its own "
-        "process, and print a status summary every few seconds. Ctrl-C ends everything cleanly.",
+        help="run a test:// daemon with the example consumers, the preview and a live status summary",
+        description="Start a daemon on test://, the face and motion detectors (publishing their results), a plain "
+        "reader and the browser preview (which draws the models' boxes), each in its own process, and print a status "
+        "summary every few seconds. Ctrl-C ends everything cleanly.",
     )
     demo.add_argument("--name", type=stream_name, default="demo", help="stream name (default demo)")
     demo.add_argument("--duration", type=float_in(0, 1e9, "--duration"), help="stop after this many seconds")
+    demo.add_argument("--port", type=int_in(0, 65535, "--port"), default=8080, help="the preview's port (default 8080, else a free one)")
 
     up = commands.add_parser(
         "up",
@@ -263,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _derive_spec(text: str) -> Any:
+    """``--derive``: a DeriveSpec, or a usage error that says what to write."""
+    from ._derive import DeriveSpec
+
+    try:
+        return DeriveSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _version() -> str:
     from . import __version__
 
@@ -296,6 +349,10 @@ def build_daemon(args: argparse.Namespace) -> "Daemon":
             group=args.group,
             max_shm=args.max_shm,
             shrink_after=args.shrink_after,
+            pace=args.pace,
+            wait_readers=args.wait_readers,
+            results=args.results,
+            derive=args.derive or (),
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
@@ -520,7 +577,7 @@ def _would_clean(name: str) -> tuple[str, bool]:
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(args.name, args.duration)
+    return run_demo(args.name, args.duration, args.port)
 
 
 def _up(args: argparse.Namespace) -> int:

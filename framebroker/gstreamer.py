@@ -94,7 +94,8 @@ class GstProcess:
     the child's stderr. Raises ``OSError`` if the child cannot be started.
 
     The child runs in a session of its own: a Ctrl-C in the terminal reaches the caller only,
-    which decides how the pipeline ends (closing ``stdin`` for end of stream, or ``stop()``).
+    which decides how the pipeline ends: in order, with end of stream (closing ``stdin`` for
+    ``fdsrc``, or ``end_stream()`` for live sources), or at once (``stop()``).
     """
 
     def __init__(
@@ -186,8 +187,16 @@ class GstProcess:
         """End the child at once (SIGKILL)."""
         self._signal(signal.SIGKILL)
 
+    def end_stream(self) -> None:
+        """Ask the pipeline to finish in order (SIGINT, like ``gst-launch-1.0 -e``): its sources
+        send end of stream, what is in flight flows out to the sinks, then the child exits 0.
+        Whoever reads the child's output must keep reading until it exits (a sink blocked on a
+        full pipe holds the end back); ``wait()`` for that, and ``stop()`` if it does not come."""
+        self._signal(signal.SIGINT)
+
     def stop(self, timeout: float = 3.0) -> Optional[int]:
-        """End the child: SIGTERM, then SIGKILL after ``timeout`` s. Safe to call twice."""
+        """End the child now: SIGTERM, then SIGKILL after ``timeout`` s. Safe to call twice.
+        (``end_stream()`` first ends it in order.)"""
         if self.stdin is not None and not self.stdin.closed:
             try:
                 self.stdin.close()

@@ -100,6 +100,11 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.pid, signum)
 
+    def finish(self, timeout: float = 30.0) -> dict:
+        """Stop a worker that runs until stopped (SIGTERM) and return its closing ``done`` report."""
+        self.signal(signal.SIGTERM)
+        return self.wait_event("done", timeout=timeout)
+
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """End the process by pid: SIGCONT (in case it is frozen), SIGTERM, then SIGKILL."""
         if self.popen.poll() is None:
@@ -203,11 +208,33 @@ class Env:
             raise AssertionError(f"{self.test} left objects in /dev/shm: {leaked}")
 
 
+# Tests that take a minute or more, or a browser (markers registered in pyproject.toml): each
+# is also marked "slow", so `pytest -m "not slow"` is the quick run.
+SLOW_KINDS = ("soak", "chaos", "bench", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def env(request: pytest.FixtureRequest):
     environment = Env(request)
     yield environment
     environment.teardown()
+
+
+# What a hardware encoder's failure must name on a machine without that hardware: the reason it
+# cannot work there. Where the hardware is present, the encoder must simply work.
+MISSING_NVENC = ("libcuda", "CUDA", "no NVENC capable device", "not in this FFmpeg build")  # no driver, GPU or build
+MISSING_JETSON = ('no element "nvvidconv"', 'no element "nvv4l2h264enc"')  # not a Jetson's GStreamer
+
+
+def works_or_says_why(reason: Optional[str], causes: tuple[str, ...]) -> None:
+    """An encoder probe's outcome: None (it works) or a reason naming one of ``causes``."""
+    assert reason is None or any(cause.lower() in reason.lower() for cause in causes), reason
 
 
 def cpu_seconds(pid: int) -> float:

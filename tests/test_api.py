@@ -247,9 +247,13 @@ def test_torch_shares_memory_without_copy(env):
 
 def test_reader_waits_for_a_stream_to_appear(env):
     name = env.name()
+    with pytest.raises(fb.StreamNotFound):
+        fb.Reader(name, wait=0.2)  # a wait that runs out ends as without one
     ready = threading.Event()
 
     def start_later():
+        # Not synchronisation: the reader must attach whenever the stream appears; the delay
+        # only makes it appear while the reader waits.
         time.sleep(0.3)
         with fb.Publisher(name, shape=(16, 32, 3)) as pub:
             pub.publish(np.zeros((16, 32, 3), np.uint8))
@@ -258,7 +262,7 @@ def test_reader_waits_for_a_stream_to_appear(env):
     thread = threading.Thread(target=start_later)
     thread.start()
     try:
-        with fb.Reader(name, wait=5) as cam:
+        with fb.Reader(name, wait=30) as cam:
             assert cam.latest(timeout=5).seq == 1
     finally:
         ready.set()
@@ -280,7 +284,7 @@ def test_reader_does_not_survive_fork(env):
             except BaseException:
                 os._exit(4)
         _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
         assert not frame.released, "the child must not release the parent's lease"
         assert cam.latest(timeout=1) is frame
 
@@ -290,17 +294,25 @@ def test_signal_during_a_wait_is_a_wake_up_not_a_lost_stream(env):
 
     name = env.name()
     shape = (16, 32, 3)
-    fired = []
-    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    fired = threading.Event()
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.set())
     try:
         with fb.Publisher(name, shape=shape) as pub, fb.Reader(name) as cam:
             attachment = cam._attachment  # noqa: SLF001
-            timer = threading.Timer(0.4, lambda: pub.publish(testpattern.render(1, shape)))
-            timer.start()
-            signal.setitimer(signal.ITIMER_REAL, 0.1)
-            frame = cam.next(timeout=5)
-            timer.join()
-            assert fired and frame.seq == 1
+
+            def publish_after_the_signal() -> None:
+                if fired.wait(30):
+                    pub.publish(testpattern.render(1, shape))
+
+            publisher = threading.Thread(target=publish_after_the_signal)
+            publisher.start()
+            signal.setitimer(signal.ITIMER_REAL, 0.1)  # fires while next() waits
+            try:
+                frame = cam.next(timeout=30)
+            finally:
+                fired.set()
+                publisher.join()
+            assert frame.seq == 1
             assert cam._attachment is attachment, "an interrupted wait must not look like a dead daemon"  # noqa: SLF001
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -81,6 +81,7 @@ def test_tear_check_sees_torn_and_changed_frames():
     assert check.read(held) != first
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(600)
 def test_quick_compare_reports_every_transport(tmp_path):
     missing = [name for name, package in PEER_PACKAGES.items() if importlib.util.find_spec(package) is None]
@@ -96,6 +97,10 @@ def test_quick_compare_reports_every_transport(tmp_path):
     )
     assert result.returncode == 0, f"compare.py --quick failed\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     document = json.loads(out.read_text())
+    # The summary leaves the raw samples to the .raw.json beside it (git-ignored in bench/results).
+    raw_path = tmp_path / "quick.raw.json"
+    assert document["raw_samples"].startswith(raw_path.name)
+    raw_runs = {run["transport"]: run for run in json.loads(raw_path.read_text())["runs"]}
 
     runs = {run["transport"]: run for run in document["runs"]}
     assert sorted(runs) == sorted(TRANSPORTS)
@@ -108,7 +113,7 @@ def test_quick_compare_reports_every_transport(tmp_path):
         for field in SUMMARY_FIELDS:
             assert summary.get(field) is not None, f"{name}: {field} missing"
         assert summary["zero_copy"] is ZERO_COPY[name], f"{name}: zero-copy check says {summary['zero_copy']}"
-        assert len(run["readers_raw"]) == run["readers"]
+        assert "readers_raw" not in run and len(raw_runs[name]["readers_raw"]) == run["readers"]
 
     # The baseline tears and changes frames under a reader; if it did not, the check would be blind.
     naive = runs["naive"]["summary"]
@@ -130,3 +135,18 @@ def test_quick_compare_reports_every_transport(tmp_path):
     leftovers = [entry for entry in os.listdir("/dev/shm") if document["run_id"] in entry]
     leftovers += [entry for entry in os.listdir("/tmp") if entry.startswith("fbbench-") and document["run_id"] in entry]
     assert not leftovers, f"compare.py left shared objects behind: {leftovers}"
+
+
+def test_quick_gst_feed_measures_every_way(tmp_path):
+    """bench/gst_feed.py runs each way of feeding a GStreamer encoder; I420 halves the pipe."""
+    from test_sources import require_gstreamer
+
+    require_gstreamer()
+    out = tmp_path / "feed.json"
+    result = subprocess.run([sys.executable, str(BENCH / "gst_feed.py"), "--quick", "--output", str(out)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    size = json.loads(out.read_text())["sizes"]["240p"]
+    ways = size["ms_per_frame"]
+    assert set(ways) == {"bgr>bgrx", "bgr>i420", "i420", "bgr>i420>x264enc", "i420>x264enc", "bgrx", "bgrx>bgr"}
+    assert ways["i420"]["pipe_bytes"] * 2 == ways["bgr>i420"]["pipe_bytes"] == 320 * 240 * 3
+    assert all(figures["total_ms"] > 0 for figures in ways.values()) and len(size["ratios"]) == 4

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import framebroker.gstreamer as gstreamer
 from framebroker.gstreamer import GstProcess
 
+from conftest import wait_until
 from test_sources import require_gstreamer
 
 
@@ -58,3 +60,24 @@ def test_element_available():
     require_gstreamer()
     assert gstreamer.element_available("fakesink")
     assert not gstreamer.element_available("nosuchelement")
+
+
+def test_end_stream_finishes_a_live_pipeline_in_order(tmp_path):
+    """end_stream() (SIGINT) sends end of stream from the sources: mp4mux writes its index only
+    then, so a file that plays proves the end went through the whole pipeline before the exit."""
+    require_gstreamer()
+    target = tmp_path / "live.mp4"
+    with GstProcess(
+        ["videotestsrc", "is-live=true", "!", "video/x-raw,width=160,height=120,framerate=30/1", "!",
+         "x264enc", "tune=zerolatency", "speed-preset=ultrafast", "!", "mp4mux", "!", "filesink", "name=out", "buffer-mode=unbuffered"],
+        name="live mp4",
+        properties={"out": {"location": str(target)}},
+    ) as gst:  # fmt: skip
+        wait_until(lambda: target.exists() and target.stat().st_size > 4000, 20, "frames in the file")
+        gst.end_stream()
+        assert gst.wait(20) == 0, gst.lines
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(target)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert probe.returncode == 0 and int(probe.stdout.strip()) > 0, probe.stderr

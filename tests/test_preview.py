@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,6 +110,7 @@ class MjpegViewer(threading.Thread):
                 image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
                 number = testpattern.identify(image)
                 assert image.shape[:2] == FRAME and number is not None, "not a picture of a test:// frame"
+                assert int(headers["x-frame-seq"]) == number, "each part names the frame it holds"
                 self.numbers.append(number)
         except BaseException as exc:
             if not self.stop.is_set():
@@ -147,11 +153,105 @@ def run_chromium(tmp_path: Path, label: str, *args: str) -> subprocess.Completed
     return subprocess.CompletedProcess(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
+# Puts the pipes on the descriptors Chromium expects (3, 4), then becomes Chromium. Both are
+# first moved above 4, so that neither can be overwritten by the other on the way.
+_ONTO_3_AND_4 = (
+    "import fcntl, os, sys\n"
+    "high = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 5) for fd in sys.argv[1:3]]\n"
+    "os.dup2(high[0], 3)\n"
+    "os.dup2(high[1], 4)\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
+)
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    JSON messages ending in a NUL byte, commands on its fd 3, replies on its fd 4), so that a
+    test can wait for what the page reports before it takes a screenshot. ``--screenshot`` on
+    the command line shoots at the load event, before the page's script has drawn anything."""
+
+    def __init__(self, tmp_path: Path, label: str) -> None:
+        if CHROMIUM is None:
+            if os.environ.get("CI"):
+                pytest.fail("chromium is not installed; .ci/run installs it (apt-get install chromium)")
+            pytest.skip("needs Debian's chromium (apt-get install chromium)")
+        commands_read, self._commands = os.pipe()
+        self._replies, replies_write = os.pipe()
+        argv = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / ('profile-' + label)}", "--remote-debugging-pipe", "about:blank"]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ONTO_3_AND_4, str(commands_read), str(replies_write), *argv],
+            pass_fds=(commands_read, replies_write),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # whatever it starts (zygote, renderers) is ended by group id
+        )
+        os.close(commands_read)
+        os.close(replies_write)
+        self._pending = b""
+        self._id = 0
+        self.session = ""
+
+    def send(self, method: str, params: "dict | None" = None, timeout: float = 30.0) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if self.session:
+            message["sessionId"] = self.session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self._pending:
+                remaining = deadline - time.monotonic()
+                readable, _, _ = select.select([self._replies], [], [], max(0.0, remaining))
+                assert readable, f"Chromium did not answer {method} within {timeout} s"
+                chunk = os.read(self._replies, 1 << 20)
+                assert chunk, "Chromium closed its DevTools pipe"
+                self._pending += chunk
+            raw, self._pending = self._pending.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, (method, reply["error"])
+                return reply["result"]
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def evaluate(self, expression: str) -> object:
+        reply = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        assert "exceptionDetails" not in reply, reply
+        return reply["result"].get("value")
+
+    def shown(self) -> "dict | None":
+        """What the page says it shows: the frame's seq and the results drawn on it."""
+        return self.evaluate("window.framebrokerShown")
+
+    def screenshot(self) -> np.ndarray:
+        data = base64.b64decode(self.send("Page.captureScreenshot", {"format": "png"})["data"])
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+
+    def __enter__(self) -> "Browser":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def screenshot(tmp_path: Path, url: str, label: str) -> np.ndarray:
-    path = tmp_path / f"{label}.png"
-    result = run_chromium(tmp_path, label, f"--screenshot={path}", url)
-    assert path.exists(), result.stderr[-2000:]
-    return cv2.imread(str(path))
+    """The page in a fresh browser, once its script has drawn a picture."""
+    with Browser(tmp_path, label) as browser:
+        browser.open(url)
+        wait_until(browser.shown, 30, "the page to draw a picture")
+        return browser.screenshot()
 
 
 def expected_gray(number: int) -> np.ndarray:
@@ -184,6 +284,7 @@ def locate_picture(page: np.ndarray) -> tuple[int, int, int]:
     raise AssertionError("no test:// picture shown 1:1 near the page's top left")
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium_shows_the_live_picture_and_the_status(env, tmp_path):
     daemon, name = env.serve("test://", None, "--fps", "15")
     watcher = env.cli("read", name, "--reader-name", "watcher")
@@ -206,7 +307,98 @@ def test_page_in_headless_chromium_shows_the_live_picture_and_the_status(env, tm
     assert f"stream {name}" in text and "streaming for" in text and "test://" in text
     assert "640x480 bgr" in text and "watcher" in text and str(watcher.pid) in text
     assert f"pid {daemon.pid}" in text
-    assert '<img id="picture" src="stream.mjpg"' in dom
+    assert '<canvas id="picture"' in dom and '<script src="preview.js">' in dom
+
+
+# --- the models' boxes over the picture -------------------------------------------------------------
+
+BOX_MODEL = str(Path(__file__).resolve().parent / "box_model.py")
+LINE = 2  # the page's line width at 640 px: max(2, width / 320)
+
+
+def start_box_model(env, name: str, *args: str):
+    model = env.spawn([sys.executable, BOX_MODEL, name, "--quiet", *args], label="box model")
+    model.wait_event("ready")
+    return model
+
+
+def drawn_box(page: np.ndarray, picture: tuple[int, int], colour: tuple[int, int, int], side: int) -> "tuple[int, int, int, int] | None":
+    """[x, y, w, h] (in picture pixels) of the box outline drawn in ``colour`` (RGB), from the
+    rows and columns where a long run of the page's pixels has that colour (the label's text,
+    in the same colour, is too short to count)."""
+    x, y = picture
+    crop = page[y : y + FRAME[0], x : x + FRAME[1]].astype(np.int16)
+    mask = np.all(np.abs(crop - np.array(colour[::-1], np.int16)) <= 40, axis=2)
+    columns = np.flatnonzero(mask.sum(axis=0) >= 0.6 * side)
+    rows = np.flatnonzero(mask.sum(axis=1) >= 0.6 * side)
+    if not len(columns) or not len(rows):
+        return None
+    # The outline lies just outside the box: LINE pixels on every side.
+    return columns[0] + LINE, rows[0] + LINE, columns[-1] - columns[0] + 1 - 2 * LINE, rows[-1] - rows[0] + 1 - 2 * LINE
+
+
+def test_each_models_boxes_are_drawn_on_the_frame_they_were_computed_on(env, tmp_path):
+    """The model's results arrive 0.3 s (about 4 frames, 36 px of the square's travel) after
+    their frames: only a page that holds each frame back for its own result draws the box on
+    the square. A second model, toggled off, must not be drawn."""
+    from box_model import square
+    from framebroker_clients._models import model_colour
+
+    daemon, name = env.serve("test://", None, "--fps", "15")
+    start_box_model(env, name, "--model", "square", "--latency", "0.3")
+    start_box_model(env, name, "--model", "decoy", "--label", "decoy")
+    colour, decoy_colour = model_colour("square"), model_colour("decoy")
+    assert colour != decoy_colour
+    view, url = start_view(env, name)
+
+    with Browser(tmp_path, "boxes") as browser:
+        browser.open(url)
+        wait_until(lambda: {r["model"] for r in (browser.shown() or {}).get("results", [])} == {"square", "decoy"}, 30, "both models drawn")
+        browser.evaluate('document.querySelector("input[data-model=decoy]").click()')
+        wait_until(lambda: [r["model"] for r in browser.shown()["results"]] == ["square"], 10, "the decoy model toggled off")
+        checked = late = 0
+        for _ in range(60):
+            if checked == 3:
+                break
+            shown = browser.shown()
+            page = browser.screenshot()
+            after = browser.shown()
+            x, y, number = locate_picture(page)
+            expected = square(number, *FRAME)
+            if not (LINE <= expected[0] and expected[0] + expected[2] + LINE <= FRAME[1]):
+                continue  # the square touches the picture's edge: its outline is cut off
+            drawn = drawn_box(page, (x, y), colour, expected[2])
+            assert drawn is not None, f"no box of model 'square' on frame {number} (the page reports {shown})"
+            if not all(abs(a - b) <= 2 for a, b in zip(drawn, expected)):
+                # Allowed only where the page says it drew this frame with the model's previous
+                # result (dashed: the result came later than it waits, on a machine starved of CPU).
+                states = [state for state in (shown, after) if state["seq"] == number]
+                assert states and not states[0]["results"][0]["exact"], f"frame {number}: box drawn at {drawn}, the square is at {expected}"
+                late += 1
+                continue
+            assert drawn_box(page, (x, y), decoy_colour, expected[2]) is None, "the decoy model is toggled off"
+            assert [r["model"] for r in shown["results"]] == ["square"]
+            held = shown["heldMs"]
+            assert 0 < held <= 1000, shown
+            checked += 1
+        assert checked == 3, f"only {checked} frames drawn with their own result ({late} with a late one)"
+
+        status = browser.evaluate('document.getElementById("status").innerText')
+        assert "models (2)" in status and "square" in status and " ms" in status, status
+        caption = browser.evaluate('document.getElementById("models").innerText')
+        assert re.search(r"square: [\d.]+ results/s, p50 \d+ ms after capture", caption), caption
+
+    document = json.loads(get(url + "status.json")[2])
+    models = {m["name"]: m for m in document["streams"][0]["models"]}
+    assert models["square"]["latency_p50_ms"] >= 250 and models["square"]["alive"]
+    assert document["preview"]["results_sent"] > 0
+    families = metrics(url)
+    labels = {"stream": name, "model": "square"}
+    assert value(families, "framebroker_model_results_total", **labels) > 0
+    assert 0.25 <= value(families, "framebroker_model_latency_seconds", **labels, quantile="0.5") < 1.0
+    assert value(families, "framebroker_model_lag_frames", **labels) >= 0
+    assert value(families, "framebroker_model_up", **labels) == 1
+    assert families["framebroker_model_results"].type == "counter"
 
 
 # --- /metrics --------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ import framebroker as fb
 from framebroker import testpattern
 from framebroker._status import describe_stream
 
-from conftest import wait_until
+from conftest import MISSING_JETSON, MISSING_NVENC, wait_until, works_or_says_why
 
 av = pytest.importorskip("av")
 
-from framebroker_clients.recorder import outputs, packets, recorder, selection  # noqa: E402
+from framebroker_clients.recorder import encoders, outputs, packets, recorder, selection  # noqa: E402
 from framebroker_clients.recorder.encoders import AUTO_ORDER, ENCODERS, Encoder, EncoderSettings, EncoderSpec  # noqa: E402
 from framebroker_clients.recorder.packets import EncodedPacket, FrameStamp, PacketRouter, StreamInfo  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_auto_takes_the_first_working_encoder_in_the_documented_order(chosen):
 def test_the_documented_order():
     families = [ENCODERS[name].family for name in AUTO_ORDER]
     assert AUTO_ORDER[:2] == ("nvv4l2h264enc", "omxh264enc")
-    assert families == ["jetson", "jetson", "nvenc", "vaapi", "vaapi", "v4l2m2m", "v4l2m2m", "software"]
+    assert families == ["jetson", "jetson", "nvenc", "vaapi", "vaapi", "vaapi", "v4l2m2m", "v4l2m2m", "software"]
 
 
 def test_auto_falls_back_to_x264_with_one_short_loud_line(caplog):
@@ -66,12 +66,12 @@ def test_auto_falls_back_to_x264_with_one_short_loud_line(caplog):
     # As the CLI prints it (its log format), the line stays short: what, why, where the details are.
     line = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s").format(record)
     assert len(line) < 200, line
-    assert "SOFTWARE H.264 (libx264)" in line and "no hardware encoder works (7 tried)" in line and "--log-level debug" in line
+    assert "SOFTWARE H.264 (libx264)" in line and "no hardware encoder works (8 tried)" in line and "--log-level debug" in line
     assert "simulated" not in line, "the reasons are at debug level"
     reasons = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert "encoder h264_nvenc does not work here: simulated: not on this machine" in reasons
-    assert len([r for r in reasons if "does not work here" in r]) == 7
-    assert result.fallback_reason == "no hardware encoder works (7 tried)"
+    assert len([r for r in reasons if "does not work here" in r]) == 8
+    assert result.fallback_reason == "no hardware encoder works (8 tried)"
 
 
 def test_nothing_works_is_an_encoder_error():
@@ -93,8 +93,8 @@ def test_a_named_encoder_is_probed_and_a_failing_one_is_an_error():
 def test_real_probes_on_this_machine():
     assert selection.probe_encoder(ENCODERS["libx264"]) is None
     assert selection.probe_encoder(ENCODERS["x264enc"]) is None
-    assert "libcuda" in selection.probe_encoder(ENCODERS["h264_nvenc"])
-    assert 'no element "nvvidconv"' in selection.probe_encoder(ENCODERS["nvv4l2h264enc"])
+    works_or_says_why(selection.probe_encoder(ENCODERS["h264_nvenc"]), MISSING_NVENC)
+    works_or_says_why(selection.probe_encoder(ENCODERS["nvv4l2h264enc"]), MISSING_JETSON)
 
 
 class HangingEncoder(Encoder):
@@ -132,20 +132,73 @@ def argv_of(name: str, **overrides) -> str:
     return " ".join(encoder.pipeline(7))
 
 
-def test_jetson_pipeline_converts_into_nvmm_nv12_before_the_encoder():
-    line = argv_of("nvv4l2h264enc")
-    assert line.startswith("fdsrc fd=0 blocksize=2764800 ! rawvideoparse format=bgr width=1280 height=720 framerate=30/1")
-    assert (
-        "videoconvert ! video/x-raw,format=BGRx ! nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! "
-        "nvv4l2h264enc bitrate=2000000 control-rate=1 iframeinterval=30 idrinterval=30 insert-sps-pps=true"
-    ) in line
-    assert line.endswith("! h264parse config-interval=-1 ! video/x-h264,stream-format=byte-stream,alignment=au ! fdsink fd=7 sync=false")
-    assert "nvvidconv ! video/x-raw(memory:NVMM),format=I420 ! omxh264enc bitrate=2000000" in argv_of("omxh264enc")
-    assert "vah264enc bitrate=2000 rate-control=cbr key-int-max=30 b-frames=0" in argv_of("vah264enc")
-    assert "vaapih264enc bitrate=2000 rate-control=cbr keyframe-period=30 max-bframes=0" in argv_of("vaapih264enc")
-    assert "h264_i_frame_period=30" in argv_of("v4l2h264enc")
+FEED_720P = (
+    "fdsrc fd=0 blocksize=1382400 ! rawvideoparse format=i420 width=1280 height=720 framerate=30/1 "
+    "plane-strides=<1280,640,640> plane-offsets=<0,921600,1152000> ! capssetter caps=video/x-raw,colorimetry=bt601 ! "
+)
+TAIL = " ! h264parse config-interval=-1 ! video/x-h264,stream-format=byte-stream,alignment=au ! fdsink fd=7 sync=false"
+
+
+@pytest.mark.parametrize(
+    "name, elements",
+    [
+        ("nvv4l2h264enc", "nvvidconv ! video/x-raw(memory:NVMM),format=NV12 ! nvv4l2h264enc bitrate=2000000 control-rate=1 "
+         "iframeinterval=30 idrinterval=30 insert-sps-pps=true insert-vui=true preset-level=1 maxperf-enable=true"),
+        ("omxh264enc", "nvvidconv ! video/x-raw(memory:NVMM),format=I420 ! omxh264enc bitrate=2000000 control-rate=2 "
+         "iframeinterval=30 insert-sps-pps=true"),
+        ("vah264enc", "vapostproc ! video/x-raw(memory:VAMemory),format=NV12 ! vah264enc bitrate=2000 rate-control=cbr key-int-max=30 b-frames=0"),
+        ("vah264lpenc", "vapostproc ! video/x-raw(memory:VAMemory),format=NV12 ! vah264lpenc bitrate=2000 rate-control=cbr key-int-max=30 b-frames=0"),
+        ("vaapih264enc", "vaapih264enc bitrate=2000 rate-control=cbr keyframe-period=30 max-bframes=0"),
+        ("v4l2h264enc", "v4l2h264enc extra-controls=controls,video_bitrate=2000000,h264_i_frame_period=30,repeat_sequence_header=1 "
+         "! video/x-h264,level=(string)3.1"),
+        ("x264enc", "x264enc speed-preset=superfast tune=zerolatency bframes=0 key-int-max=30 bitrate=2000 byte-stream=true"),
+    ],
+)  # fmt: skip
+def test_every_gstreamer_encoder_is_fed_i420_with_no_videoconvert(name, elements):
+    """I420 converted by the recorder: half the bytes of BGR on the pipe, and no CPU conversion
+    in the child (on a Jetson nvvidconv copies it into NVMM memory, on VAAPI vapostproc)."""
+    assert argv_of(name) == FEED_720P + elements + TAIL
+
+
+def test_pipelines_follow_the_settings():
     assert "framerate=25/2" in argv_of("x264enc", fps=12.5)
     assert "key-int-max=15" in argv_of("x264enc", keyframe_interval=Fraction(1, 2))
+    # Gray frames go to nvvidconv as GRAY8; elsewhere they become I420 (luma under grey chroma).
+    assert argv_of("nvv4l2h264enc", pixel_format="gray").startswith(
+        "fdsrc fd=0 blocksize=921600 ! rawvideoparse format=gray8 width=1280 height=720 framerate=30/1 "
+        "plane-strides=<1280> plane-offsets=<0> ! nvvidconv ! "
+    )
+    assert "blocksize=1382400 ! rawvideoparse format=i420" in argv_of("x264enc", pixel_format="gray")
+    # Chroma rows of an odd half-width are packed too.
+    assert "blocksize=116886 ! rawvideoparse format=i420 width=322 height=242 framerate=30/1 plane-strides=<322,161,161> plane-offsets=<0,77924,97405>" in argv_of(
+        "x264enc", width=322, height=242
+    )
+    assert "level=(string)4.2" in argv_of("v4l2h264enc", width=1920, height=1080, fps=60)
+
+
+@pytest.mark.parametrize(
+    "size, fps, kbps, level",
+    [
+        ((320, 240), 30, 500, "1.3"),
+        ((1280, 720), 30, 2000, "3.1"),
+        ((1280, 720), 60, 2000, "3.2"),
+        ((1920, 1080), 30, 2000, "4"),
+        ((1920, 1080), 30, 25000, "4.1"),  # Main profile allows 20 Mbit/s at level 4
+        ((1920, 1080), 60, 8000, "4.2"),
+        ((3840, 2160), 30, 20000, "5.1"),
+        ((16, 4096), 1, 64, "4"),  # a tiny frame, but a side of 256 macroblocks needs MaxFS >= 256^2 / 8
+    ],
+)
+def test_h264_level_from_size_rate_and_bitrate(size, fps, kbps, level):
+    assert encoders.h264_level(*size, fps, kbps) == level
+
+
+def test_a_size_beyond_h264_is_an_encoder_error():
+    with pytest.raises(ValueError, match="beyond every H.264 level"):
+        encoders.h264_level(16384, 16384, 30, 2000)
+    encoder = ENCODERS["v4l2h264enc"].create(settings(width=16384, height=16384), lambda packet: None)
+    with pytest.raises(fb.EncoderError, match="v4l2h264enc: 16384x16384 at 30 fps and 2000 kbit/s is beyond every H.264 level"):
+        encoder.start()
 
 
 def test_settings_refuse_what_h264_cannot_take():

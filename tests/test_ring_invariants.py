@@ -33,13 +33,12 @@ from conftest import cpu_seconds, shm_objects, wait_until
 def test_no_torn_frame_at_full_producer_speed(env):
     """Three reader processes check every byte of thousands of frames while the producer runs flat out."""
     name = env.name()
-    # The producer runs until the test ends it; each reader stops after its share of frames
-    # (seconds on a quiet machine), or after 30 s on a very busy one.
-    producer = env.worker("produce", name, "--seconds", "120", "--width", "320", "--height", "240")
+    # The producer runs until the test ends it; each reader stops after its share of frames.
+    producer = env.worker("produce", name, "--width", "320", "--height", "240")
     producer.wait_event("ready")
-    readers = [env.worker("verify", name, "--seconds", "30", "--frames", "1200", "--name", f"v{i}") for i in range(2)]
-    readers.append(env.worker("verify", name, "--seconds", "30", "--frames", "1200", "--mode", "ordered", "--name", "ordered"))
-    results = [r.wait_event("done", timeout=60) for r in readers]
+    readers = [env.worker("verify", name, "--frames", "1200", "--name", f"v{i}") for i in range(2)]
+    readers.append(env.worker("verify", name, "--frames", "1200", "--mode", "ordered", "--name", "ordered"))
+    results = [r.wait_event("done", timeout=120) for r in readers]
     assert sum(r["checked"] for r in results) >= 3000, results
     assert all(r["bad"] == 0 for r in results), results
 
@@ -47,9 +46,9 @@ def test_no_torn_frame_at_full_producer_speed(env):
 def test_torn_frame_checker_catches_an_unsafe_ring(env):
     """Negative control: a producer that writes into a slot readers hold is caught."""
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "8", "--unsafe", "--fps", "200")
+    producer = env.worker("produce", name, "--unsafe", "--fps", "200")
     producer.wait_event("ready")
-    reader = env.worker("verify", name, "--seconds", "4", "--recheck")
+    reader = env.worker("verify", name, "--frames", "400", "--recheck")
     result = reader.wait_event("done", timeout=30)
     assert result["checked"] > 50
     assert result["bad"] > 0, "the integrity check did not notice frames changing under the reader"
@@ -60,11 +59,12 @@ def test_torn_frame_checker_catches_an_unsafe_ring(env):
 
 def test_held_frame_is_stable_and_read_only_across_processes(env):
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "12", "--fps", "300", "--slots", "6")
+    producer = env.worker("produce", name, "--fps", "300", "--slots", "6")
     producer.wait_event("ready")
-    holder = env.worker("hold", name, "--seconds", "3", "--hold", "2")
+    holder = env.worker("hold", name, "--hold", "2")
     holding = holder.wait_event("holding")
-    done = holder.wait_event("done", timeout=30)
+    wait_until(lambda: producer.events[-1].get("published", 0) >= max(holding["seqs"]) + 300, 30, "300 frames published over the held ones")
+    done = holder.finish()
     assert done["newest"] - max(holding["seqs"]) >= 300, "the producer should have published hundreds of frames meanwhile"
     assert done["intact"] and done["pattern_ok"], done
     assert not done["writable"] and done["write_refused"], done
@@ -95,7 +95,7 @@ def test_held_frame_is_stable_in_one_process(env):
 def test_held_frame_checker_catches_an_unsafe_ring(env):
     """Negative control for the hold test: without leases a held frame changes."""
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "10", "--fps", "200", "--unsafe")
+    producer = env.worker("produce", name, "--fps", "200", "--unsafe")
     producer.wait_event("ready")
     holder = env.worker("hold", name, "--seconds", "1")
     done = holder.wait_event("done", timeout=30)
@@ -113,29 +113,39 @@ def _rate(producer, seconds: float) -> float:
     return (progress[-1]["published"] - progress[0]["published"]) / (progress[-1]["t"] - progress[0]["t"])
 
 
+def _checked(verifier) -> int:
+    """How many frames a verify worker has checked, from its latest progress report."""
+    progress = [e for e in verifier.events if e.get("event") == "progress"]
+    return progress[-1]["checked"] if progress else 0
+
+
 def test_reader_frozen_while_holding_does_not_slow_the_producer(env):
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "30", "--fps", "200", "--slots", "5")
+    producer = env.worker("produce", name, "--fps", "200", "--slots", "5")
     producer.wait_event("ready")
-    holder = env.worker("hold", name, "--seconds", "-1", "--hold", "2")
+    holder = env.worker("hold", name, "--hold", "2")
     holder.wait_event("holding")
-    other = env.worker("verify", name, "--seconds", "8", "--name", "other")
+    other = env.worker("verify", name, "--name", "other")
     other.wait_event("ready")
     before = _rate(producer, 1.5)
     holder.signal(signal.SIGSTOP)
+    checked_at_freeze = _checked(other)
     during = _rate(producer, 2.5)
+    checked_while_frozen = _checked(other) - checked_at_freeze
     holder.signal(signal.SIGCONT)
     assert during >= 0.85 * before, (before, during)
-    result = other.wait_event("done", timeout=30)
-    assert result["checked"] > 500 and result["bad"] == 0, result
+    result = other.finish()
+    # The other reader went on reading meanwhile (20 fps at the least, on a busy machine).
+    assert checked_while_frozen >= 50 and result["bad"] == 0, (checked_while_frozen, result)
+
 
 
 def test_reader_frozen_at_random_instants_never_blocks_the_producer(env):
     """Freeze readers churning through take/release at random instants; the producer keeps its rate."""
     name = env.name()
-    producer = env.worker("produce", name, "--seconds", "60", "--fps", "200", "--slots", "6")
+    producer = env.worker("produce", name, "--fps", "200", "--slots", "6")
     producer.wait_event("ready")
-    churners = [env.worker("churn", name, "--seconds", "0", "--hold", "2", "--name", f"churn{i}") for i in range(2)]
+    churners = [env.worker("churn", name, "--hold", "2", "--name", f"churn{i}") for i in range(2)]
     for churner in churners:
         churner.wait_event("ready")
     baseline = _rate(producer, 1.0)
@@ -158,7 +168,7 @@ def test_reader_frozen_at_random_instants_never_blocks_the_producer(env):
 def test_idle_reader_sleeps_and_wakes_on_publish(env):
     name = env.name()
     with fb.Publisher(name, shape=(48, 64, 3), fps=2) as pub:
-        idle = env.worker("idle", name, "--seconds", "6")
+        idle = env.worker("idle", name)
         idle.wait_event("ready")
         time.sleep(0.5)
         cpu_before = cpu_seconds(idle.pid)
@@ -190,7 +200,7 @@ def test_killed_reader_holding_frames_is_reclaimed(env):
     name = env.name()
     slots = 6
     with fb.Publisher(name, shape=(48, 64, 3), slots=slots) as pub:
-        holder = env.worker("hold", name, "--seconds", "-1", "--hold", str(slots - 2))
+        holder = env.worker("hold", name, "--hold", str(slots - 2))
         n = 0
         while not any(e.get("event") == "holding" for e in holder.events):
             n += 1
@@ -222,11 +232,11 @@ def test_killed_reader_holding_frames_is_reclaimed(env):
 def test_reader_killed_at_random_instants_leaks_nothing(env):
     name = env.name()
     slots = 5
-    producer = env.worker("produce", name, "--seconds", "60", "--fps", "300", "--slots", str(slots))
+    producer = env.worker("produce", name, "--fps", "300", "--slots", str(slots))
     producer.wait_event("ready")
     rng = random.Random(5)
     for i in range(10):
-        churner = env.worker("churn", name, "--seconds", "0", "--hold", "2", "--name", f"k{i}")
+        churner = env.worker("churn", name, "--hold", "2", "--name", f"k{i}")
         churner.wait_event("ready")
         time.sleep(rng.uniform(0.0, 0.3))
         churner.signal(signal.SIGKILL)
@@ -241,7 +251,7 @@ def test_reader_killed_at_random_instants_leaks_nothing(env):
 @pytest.mark.parametrize("mode", ["latest", "next", "ordered"])
 def test_daemon_killed_and_restarted_reader_goes_on_by_itself(env, mode):
     daemon, name = env.serve("test://", None, "--fps", "60")
-    reader = env.worker("survive", name, "--seconds", "40", "--mode", mode)
+    reader = env.worker("survive", name, "--mode", mode)
     wait_until(lambda: any(e.get("frames", 0) > 20 for e in reader.events), 10, "frames before the kill")
     daemon.signal(signal.SIGKILL)
     daemon.wait()
@@ -341,7 +351,7 @@ def test_geometry_change_is_seen_by_readers(env):
     name = env.name()
     shapes = [(240, 320, 3), (480, 640, 3), (120, 160, 3), (720, 1280, 3)]
     with fb.Publisher(name, shape=shapes[0], fps=100) as pub:
-        follower = env.worker("follow", name, "--seconds", "20")
+        follower = env.worker("follow", name)
         follower.wait_event("ready")
         n = 0
         for shape in shapes:

@@ -28,7 +28,7 @@ def test_rtsp_server_restart_at_another_resolution(env):
     require_gstreamer()
     server, port = start_rtsp_server(env, "--width", "320", "--height", "240")
     daemon, name = env.serve(f"rtsp://127.0.0.1:{port}/test?latency=0")
-    follower = env.worker("follow", name, "--seconds", "60")
+    follower = env.worker("follow", name)
     wait_until(lambda: any(e.get("shape") == [240, 320, 3] for e in follower.events), 15, "frames at 320x240")
 
     server.stop()

@@ -3,6 +3,11 @@
 Run as ``python tests/workers.py ROLE STREAM [options]``. Every worker prints one JSON object per
 line on stdout (``{"event": ...}``), flushing each, so a test can follow it and assert on facts
 rather than on timing.
+
+``--seconds S`` bounds a worker's run; 0 (the default) runs it until the test stops it with
+SIGTERM. Tests end workers when they have seen what they waited for, never by a lifetime fixed in
+advance; ``produce``, ``verify``, ``hold`` and ``idle`` still report ``done`` when stopped
+(``Proc.finish`` in conftest.py stops one and returns that report).
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ def emit(**event: object) -> None:
     print(json.dumps(event), flush=True)
 
 
+def deadline_of(seconds: float) -> float:
+    """When a run of ``seconds`` ends (monotonic clock); never, for 0: until SIGTERM."""
+    return time.monotonic() + seconds if seconds > 0 else float("inf")
+
+
 def produce(args: argparse.Namespace) -> int:
     """Publish test-pattern frames, paced at --fps (0: as fast as possible), for --seconds.
 
@@ -37,28 +47,31 @@ def produce(args: argparse.Namespace) -> int:
     period = 1.0 / args.fps if args.fps else 0.0
     with fb.Publisher(args.stream, shape=shape, fps=args.fps, slots=args.slots) as pub:
         emit(event="ready", pid=os.getpid())
-        deadline = time.monotonic() + args.seconds
+        deadline = deadline_of(args.seconds)
         next_time = time.monotonic()
         next_report = next_time
         n = 0
-        while time.monotonic() < deadline:
-            n += 1
-            writer = pub.slot()
-            with writer as buf:
-                testpattern.render_into(buf, n & 0xFFFFFFFF)
-            if args.unsafe and pub.seq:
-                # Reach past the locks on purpose (see the docstring).
-                victim = pub._views[pub._newest_slot]  # noqa: SLF001
-                testpattern.render_into(victim, (n + 1) & 0xFFFFFFFF)
-            if period:
-                next_time += period
-                delay = next_time - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            now = time.monotonic()
-            if now >= next_report:
-                next_report = now + 0.05
-                emit(event="progress", published=pub.seq, t=now)
+        try:
+            while time.monotonic() < deadline:
+                n += 1
+                writer = pub.slot()
+                with writer as buf:
+                    testpattern.render_into(buf, n & 0xFFFFFFFF)
+                if args.unsafe and pub.seq:
+                    # Reach past the locks on purpose (see the docstring).
+                    victim = pub._views[pub._newest_slot]  # noqa: SLF001
+                    testpattern.render_into(victim, (n + 1) & 0xFFFFFFFF)
+                if period:
+                    next_time += period
+                    delay = next_time - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                now = time.monotonic()
+                if now >= next_report:
+                    next_report = now + 0.05
+                    emit(event="progress", published=pub.seq, t=now)
+        except KeyboardInterrupt:  # SIGTERM: the test has seen what it waited for
+            pass
         emit(event="done", published=pub.seq)
     return 0
 
@@ -67,34 +80,40 @@ def verify_loop(args: argparse.Namespace) -> int:
     """Read frames (next or ordered) and check every byte of each against the pattern."""
     checked = bad = 0
     first_bad = None
-    deadline = time.monotonic() + args.seconds
+    deadline = deadline_of(args.seconds)
     with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
         emit(event="ready", pid=os.getpid())
         frames = cam.ordered(timeout=5.0) if args.mode == "ordered" else None
-        while time.monotonic() < deadline and (not args.frames or checked < args.frames):
-            try:
-                frame = next(frames) if frames is not None else cam.next(timeout=5.0)
-            except (fb.FrameTimeout, StopIteration):
-                break
-            with frame:
-                # The producers number frames like the ring does (n == seq), so a frame must be
-                # a perfect test picture *and* the picture of its own seq.
-                ok = testpattern.verify(frame.array) == frame.seq
-                # Check again: the frame must not change while held.
-                if ok and args.recheck:
+        try:
+            while time.monotonic() < deadline and (not args.frames or checked < args.frames):
+                try:
+                    frame = next(frames) if frames is not None else cam.next(timeout=5.0)
+                except (fb.FrameTimeout, StopIteration):
+                    break
+                with frame:
+                    # The producers number frames like the ring does (n == seq), so a frame must
+                    # be a perfect test picture *and* the picture of its own seq.
                     ok = testpattern.verify(frame.array) == frame.seq
-                if args.work_ms:
-                    time.sleep(args.work_ms / 1000.0)  # a slow consumer, holding the frame
-            checked += 1
-            if not ok:
-                bad += 1
-                first_bad = first_bad or frame.seq
+                    # Check again: the frame must not change while held.
+                    if ok and args.recheck:
+                        ok = testpattern.verify(frame.array) == frame.seq
+                    if args.work_ms:
+                        time.sleep(args.work_ms / 1000.0)  # a slow consumer, holding the frame
+                checked += 1
+                if not ok:
+                    bad += 1
+                    first_bad = first_bad or frame.seq
+                if checked % 20 == 0:
+                    emit(event="progress", checked=checked, bad=bad)
+        except KeyboardInterrupt:
+            pass
         emit(event="done", checked=checked, bad=bad, first_bad=first_bad, dropped=cam.dropped)
     return 0
 
 
 def hold(args: argparse.Namespace) -> int:
-    """Take frames, hold them for --seconds, then report whether they stayed intact."""
+    """Take frames, hold them for --seconds (or until SIGTERM), then report whether they stayed
+    intact. Killed with SIGKILL instead, it is a reader that died holding leases."""
     with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
         frames = []
         for _ in range(args.hold):
@@ -102,9 +121,10 @@ def hold(args: argparse.Namespace) -> int:
         copies = [f.array.copy() for f in frames]
         emit(event="holding", pid=os.getpid(), seqs=[f.seq for f in frames], newest=cam.newest_seq)
         try:
-            if args.seconds < 0:
-                signal.pause()  # until killed; SIGTERM ends the holding and reports
-            time.sleep(args.seconds)
+            if args.seconds > 0:
+                time.sleep(args.seconds)
+            else:
+                signal.pause()
         except KeyboardInterrupt:
             pass
         intact = all(np.array_equal(f.array, c) for f, c in zip(frames, copies))
@@ -128,9 +148,9 @@ def hold(args: argparse.Namespace) -> int:
 
 
 def churn(args: argparse.Namespace) -> int:
-    """Take and release frames in a tight loop (latest / next / explicit release), forever or
-    for --seconds; tests freeze or kill it at random instants."""
-    deadline = time.monotonic() + args.seconds if args.seconds > 0 else float("inf")
+    """Take and release frames in a tight loop (latest / next / explicit release), for --seconds
+    or until stopped; tests freeze or kill it at random instants."""
+    deadline = deadline_of(args.seconds)
     count = 0
     with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
         emit(event="ready", pid=os.getpid())
@@ -148,7 +168,7 @@ def churn(args: argparse.Namespace) -> int:
 def follow(args: argparse.Namespace) -> int:
     """Read with next() and report every frame's seq, shape and daemon pid-independent facts;
     used to watch re-attachment after a daemon restart and geometry changes."""
-    deadline = time.monotonic() + args.seconds
+    deadline = deadline_of(args.seconds)
     with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
         emit(event="ready", pid=os.getpid())
         while time.monotonic() < deadline:
@@ -178,14 +198,18 @@ def idle(args: argparse.Namespace) -> int:
     """Wait for frames that do not come (or come rarely), to measure what waiting costs."""
     with fb.Reader(args.stream, name=args.name, wait=10.0) as cam:
         emit(event="ready", pid=os.getpid())
-        deadline = time.monotonic() + args.seconds
-        while time.monotonic() < deadline:
-            try:
-                frame = cam.next(timeout=max(0.01, deadline - time.monotonic()))
-            except fb.FrameTimeout:
-                continue
-            emit(event="frame", seq=frame.seq, ts=frame.timestamp_ns, now=time.monotonic_ns())
-            frame.release()
+        deadline = deadline_of(args.seconds)
+        try:
+            while time.monotonic() < deadline:
+                remaining = deadline - time.monotonic()
+                try:
+                    frame = cam.next(timeout=None if remaining == float("inf") else max(0.01, remaining))
+                except fb.FrameTimeout:
+                    continue
+                emit(event="frame", seq=frame.seq, ts=frame.timestamp_ns, now=time.monotonic_ns())
+                frame.release()
+        except KeyboardInterrupt:
+            pass
         emit(event="done")
     return 0
 
@@ -194,7 +218,7 @@ def survive(args: argparse.Namespace) -> int:
     """Read in one mode (latest / next / ordered) through anything (daemon restarts included),
     checking every frame, and report progress every 0.2 s until --seconds are up."""
     counts = {"frames": 0, "bad": 0, "timeouts": 0, "last_seq": 0, "restarts_seen": 0}
-    deadline = time.monotonic() + args.seconds
+    deadline = deadline_of(args.seconds)
     next_report = 0.0
     with fb.Reader(args.stream, name=args.name, hold=args.hold, wait=10.0) as cam:
         emit(event="ready", pid=os.getpid())
@@ -318,7 +342,7 @@ def _write_results_loop(args: argparse.Namespace, quiet: bool) -> int:
     with fb.ResultWriter(args.stream, args.model, wait=10.0) as out:
         if not quiet:
             emit(event="ready", pid=os.getpid())
-        deadline = time.monotonic() + args.seconds
+        deadline = deadline_of(args.seconds)
         next_time = next_report = time.monotonic()
         seq = 0
         while time.monotonic() < deadline:
@@ -348,7 +372,7 @@ def check_results(args: argparse.Namespace) -> int:
     checked = bad = restarts = 0
     first_bad = None
     last_seq = 0
-    deadline = time.monotonic() + args.seconds
+    deadline = deadline_of(args.seconds)
     with fb.ResultReader(args.stream, args.model, name=args.name, wait=10.0) as results:
         emit(event="ready", pid=os.getpid())
         iterator = results.ordered(timeout=1.0)
@@ -404,7 +428,7 @@ def main() -> int:
     parser.add_argument("role", choices=sorted(ROLES))
     parser.add_argument("stream")
     parser.add_argument("--name", default="worker")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=0.0)
     parser.add_argument("--frames", type=int, default=0)
     parser.add_argument("--fps", type=float, default=0.0)
     parser.add_argument("--width", type=int, default=640)

@@ -5,16 +5,17 @@ Two kinds, one interface (``Encoder``):
 * ``PyAVEncoder`` runs an FFmpeg codec in this process: ``libx264`` (software), ``h264_nvenc``
   (NVIDIA NVENC) and ``h264_v4l2m2m`` (V4L2 memory-to-memory, e.g. Raspberry Pi). Frames carry
   their PTS into the codec and packets come back with it, so each packet is matched to its frame
-  by PTS.
+  by PTS. SPS/PPS are put in front of every keyframe that lacks them (``h264.ParameterSets``:
+  ``h264_v4l2m2m`` sends them once), so every segment and clip decodes on its own.
 * ``GStreamerEncoder`` runs a pipeline in a child (``framebroker.gstreamer.GstProcess``) and
-  feeds it raw frames on a pipe:
-  ``fdsrc ! rawvideoparse ! <conversion> ! <encoder> ! h264parse ! byte-stream/au ! fdsink``.
+  feeds it I420 frames (converted here, ``RawFeed``) on a pipe:
+  ``fdsrc ! rawvideoparse ! [hardware upload] ! <encoder> ! h264parse ! byte-stream/au ! fdsink``.
   This is the only way to Jetson's encoders (``nvv4l2h264enc``, older ``omxh264enc``, both fed
   NV12/I420 in NVMM memory by ``nvvidconv``) and it reaches VAAPI (``vah264enc``,
-  ``vaapih264enc``) and V4L2 (``v4l2h264enc``) too. A pipe carries no timestamps: the encoder
-  keeps a FIFO of the frames it wrote and gives them, in order, to the access units coming back,
-  which FFmpeg's H.264 parser splits out of the byte stream. That needs one access unit per frame
-  in input order, so every pipeline here disables B-frames. ``x264enc`` (software) runs the same
+  ``vah264lpenc``, ``vaapih264enc``) and V4L2 (``v4l2h264enc``) too. A pipe carries no
+  timestamps: the encoder keeps a FIFO of the frames it wrote and gives them, in order, to the
+  access units coming back, which FFmpeg's H.264 parser splits out of the byte stream. That needs
+  one access unit per frame in input order, so every pipeline here disables B-frames. ``x264enc`` (software) runs the same
   plumbing where no hardware exists, which is how the tests prove it.
 
 The PyAV wheel's FFmpeg has no ``h264_vaapi`` (and feeding it needs VAAPI surfaces, which PyAV's
@@ -40,6 +41,7 @@ import numpy as np
 import framebroker as fb
 from framebroker.gstreamer import GstProcess
 
+from .h264 import ParameterSets, holds_idr_slice
 from .lifecycle import Lifecycle, State
 from .packets import TIME_BASE, EncodedPacket, FrameStamp
 
@@ -56,7 +58,7 @@ X264_TUNE = "zerolatency"
 
 Deliver = Callable[[EncodedPacket], None]
 
-_RAW_FORMATS = {"bgr": ("bgr24", "bgr", 3), "rgb": ("rgb24", "rgb", 3), "gray": ("gray", "gray8", 1)}
+_PYAV_FORMATS = {"bgr": "bgr24", "rgb": "rgb24", "gray": "gray"}  # our pixel formats in FFmpeg's names
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class EncoderSettings:
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0 or self.width % 2 or self.height % 2:
             raise ValueError(f"H.264 needs an even, positive frame size, got {self.width}x{self.height}")
-        if self.pixel_format not in _RAW_FORMATS:
+        if self.pixel_format not in _PYAV_FORMATS:
             raise ValueError(f"unknown pixel format {self.pixel_format!r}: use bgr, rgb or gray")
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
@@ -199,6 +201,9 @@ class PyAVEncoder(Encoder):
         self._options = options
         self._context: Any = None
         self._pending: dict[int, FrameStamp] = {}
+        # h264_v4l2m2m sends SPS/PPS once; every encoder's stream goes through the same check,
+        # which costs a scan for start codes per packet where nothing is missing.
+        self._parameter_sets = ParameterSets()
 
     def _start(self) -> None:
         import av
@@ -235,7 +240,7 @@ class PyAVEncoder(Encoder):
             av.logging.set_level(previous)
         self._context = context
         self._av = av
-        self._raw_format = _RAW_FORMATS[settings.pixel_format][0]
+        self._raw_format = _PYAV_FORMATS[settings.pixel_format]
 
     def _encode(self, image: np.ndarray, stamp: FrameStamp, keyframe: bool) -> None:
         av = self._av
@@ -253,6 +258,10 @@ class PyAVEncoder(Encoder):
             self._hand_on(packet)
 
     def _hand_on(self, packet: Any) -> None:
+        completed = self._parameter_sets.complete(bytes(packet), bool(packet.is_keyframe))
+        if completed is None:
+            return  # parameter sets alone: they go in front of the next packet, with its frame
+        data, keyframe = completed
         pts = packet.pts
         stamp = self._pending.pop(pts, None)
         # Nothing reorders here, so a frame older than this packet will never come back (an
@@ -261,7 +270,7 @@ class PyAVEncoder(Encoder):
             del self._pending[stale]
         frames = (stamp,) if stamp is not None else ()
         dts = packet.dts if packet.dts is not None else pts
-        self._emit(EncodedPacket(bytes(packet), pts, dts, bool(packet.is_keyframe), frames))
+        self._emit(EncodedPacket(data, pts, dts, keyframe, frames))
 
     def _stop(self, flush: bool) -> None:
         context, self._context = self._context, None
@@ -281,11 +290,16 @@ class PyAVEncoder(Encoder):
 
 
 # --- GStreamer pipelines in a child process -------------------------------------------------------------
+#
+# Every GStreamer encoder is fed I420 (planar 4:2:0), converted here by OpenCV's SIMD code: half
+# the bytes of BGR on the pipe, and no videoconvert in the child, which on a Jetson cost a CPU
+# core at 1080p before nvvidconv (which takes no 3-byte BGR) could copy the frame to the GPU.
+# Each pipeline below takes I420 from rawvideoparse and moves it on with hardware where there is
+# some (nvvidconv, vapostproc). Gray frames go to nvvidconv as they are (GRAY8).
 
 
 def _gst_x264enc(s: EncoderSettings) -> list[str]:
     return [
-        "videoconvert", "!", "video/x-raw,format=I420", "!",
         "x264enc", f"speed-preset={X264_PRESET}", f"tune={X264_TUNE}", "bframes=0",
         f"key-int-max={s.keyframe_frames}", f"bitrate={s.bitrate_kbps}", "byte-stream=true",
     ]  # fmt: skip
@@ -293,63 +307,138 @@ def _gst_x264enc(s: EncoderSettings) -> list[str]:
 
 def _gst_nvv4l2h264enc(s: EncoderSettings) -> list[str]:
     # Jetson (JetPack 4.x+): nvvidconv copies the frame into NVMM (hardware) memory as NV12, the
-    # only input the V4L2 encoder takes. nvvidconv does not accept 3-byte BGR, hence BGRx first.
+    # input the V4L2 encoder takes, converting on the VIC, not the CPU. maxperf-enable keeps the
+    # encoder at its highest clocks, as jetson-utils runs it.
     return [
-        "videoconvert", "!", "video/x-raw,format=BGRx", "!",
         "nvvidconv", "!", "video/x-raw(memory:NVMM),format=NV12", "!",
         "nvv4l2h264enc", f"bitrate={s.bitrate_bps}", "control-rate=1",
         f"iframeinterval={s.keyframe_frames}", f"idrinterval={s.keyframe_frames}",
-        "insert-sps-pps=true", "insert-vui=true", "preset-level=1",
+        "insert-sps-pps=true", "insert-vui=true", "preset-level=1", "maxperf-enable=true",
     ]  # fmt: skip
 
 
 def _gst_omxh264enc(s: EncoderSettings) -> list[str]:
     # Older Jetson releases (L4T 32 and before): the OpenMAX encoder, fed I420 in NVMM memory.
     return [
-        "videoconvert", "!", "video/x-raw,format=I420", "!",
         "nvvidconv", "!", "video/x-raw(memory:NVMM),format=I420", "!",
         "omxh264enc", f"bitrate={s.bitrate_bps}", "control-rate=2",
         f"iframeinterval={s.keyframe_frames}", "insert-sps-pps=true",
     ]  # fmt: skip
 
 
-def _gst_vah264enc(s: EncoderSettings) -> list[str]:
-    # GStreamer's "va" plugin (1.22+), the successor of gstreamer-vaapi.
-    return [
-        "videoconvert", "!", "video/x-raw,format=NV12", "!",
-        "vah264enc", f"bitrate={s.bitrate_kbps}", "rate-control=cbr",
-        f"key-int-max={s.keyframe_frames}", "b-frames=0",
-    ]  # fmt: skip
+def _gst_va(element: str) -> Callable[[EncoderSettings], list[str]]:
+    # GStreamer's "va" plugin (1.22+), the successor of gstreamer-vaapi. Its encoders take NV12
+    # only; vapostproc converts and uploads on the GPU. vah264lpenc is the low-power entry point,
+    # the only one some Intel GPUs register.
+    def elements(s: EncoderSettings) -> list[str]:
+        return [
+            "vapostproc", "!", "video/x-raw(memory:VAMemory),format=NV12", "!",
+            element, f"bitrate={s.bitrate_kbps}", "rate-control=cbr",
+            f"key-int-max={s.keyframe_frames}", "b-frames=0",
+        ]  # fmt: skip
+
+    return elements
 
 
 def _gst_vaapih264enc(s: EncoderSettings) -> list[str]:
-    return [
-        "videoconvert", "!", "video/x-raw,format=NV12", "!",
-        "vaapih264enc", f"bitrate={s.bitrate_kbps}", "rate-control=cbr",
-        f"keyframe-period={s.keyframe_frames}", "max-bframes=0",
-    ]  # fmt: skip
+    # gstreamer-vaapi's encoder uploads I420 from system memory itself.
+    return ["vaapih264enc", f"bitrate={s.bitrate_kbps}", "rate-control=cbr", f"keyframe-period={s.keyframe_frames}", "max-bframes=0"]
 
 
 def _gst_v4l2h264enc(s: EncoderSettings) -> list[str]:
-    # V4L2 memory-to-memory encoder (Raspberry Pi's bcm2835-codec and others). The level caps make
-    # the Pi's encoder negotiate; repeat_sequence_header puts SPS/PPS before every keyframe.
+    # V4L2 memory-to-memory encoder (Raspberry Pi's bcm2835-codec and others), fed I420. The level
+    # caps make the Pi's encoder negotiate; repeat_sequence_header puts SPS/PPS before every
+    # keyframe.
     controls = f"controls,video_bitrate={s.bitrate_bps},h264_i_frame_period={s.keyframe_frames},repeat_sequence_header=1"
-    return [
-        "videoconvert", "!", "video/x-raw,format=I420", "!",
-        "v4l2h264enc", f"extra-controls={controls}", "!", "video/x-h264,level=(string)4",
-    ]  # fmt: skip
+    level = h264_level(s.width, s.height, s.fps, s.bitrate_kbps)
+    return ["v4l2h264enc", f"extra-controls={controls}", "!", f"video/x-h264,level=(string){level}"]
 
 
-def gst_pipeline(encoder_elements: list[str], settings: EncoderSettings, out_fd: int) -> list[str]:
+# H.264 levels (ITU-T H.264, Table A-1): the largest frame and the most macroblocks (16x16
+# pixels) a second each allows, and its bit rate limit for the Main profile in kbit/s (High
+# allows 1.25 times that; Main's is the safe bound). Level 1b is left out.
+H264_LEVELS = (
+    ("1", 99, 1_485, 64), ("1.1", 396, 3_000, 192), ("1.2", 396, 6_000, 384), ("1.3", 396, 11_880, 768),
+    ("2", 396, 11_880, 2_000), ("2.1", 792, 19_800, 4_000), ("2.2", 1_620, 20_250, 4_000),
+    ("3", 1_620, 40_500, 10_000), ("3.1", 3_600, 108_000, 14_000), ("3.2", 5_120, 216_000, 20_000),
+    ("4", 8_192, 245_760, 20_000), ("4.1", 8_192, 245_760, 50_000), ("4.2", 8_704, 522_240, 50_000),
+    ("5", 22_080, 589_824, 135_000), ("5.1", 36_864, 983_040, 240_000), ("5.2", 36_864, 2_073_600, 240_000),
+    ("6", 139_264, 4_177_920, 240_000), ("6.1", 139_264, 8_355_840, 480_000), ("6.2", 139_264, 16_711_680, 800_000),
+)  # fmt: skip
+
+
+def h264_level(width: int, height: int, fps: float, bitrate_kbps: int) -> str:
+    """The lowest H.264 level that allows this frame size, frame rate and bit rate ("4" for
+    1080p30 at 2 Mbit/s, "4.2" for 1080p60); ValueError beyond level 6.2."""
+    columns, rows = -(-width // 16), -(-height // 16)
+    frame = columns * rows
+    for level, max_frame, max_rate, max_kbps in H264_LEVELS:
+        # Neither side may exceed sqrt(8 * MaxFS) macroblocks (A.3.1).
+        fits = frame <= max_frame and max(columns, rows) ** 2 <= 8 * max_frame
+        if fits and frame * fps <= max_rate and bitrate_kbps <= max_kbps:
+            return level
+    raise ValueError(f"{width}x{height} at {fps:g} fps and {bitrate_kbps} kbit/s is beyond every H.264 level")
+
+
+class RawFeed:
+    """A frame as a GStreamer encoder is fed it on the pipe, and how rawvideoparse reads it.
+
+    I420 from BGR or RGB frames is converted by OpenCV (BT.601, limited range, as FFmpeg and
+    OpenCV convert by default; the caps say so, else GStreamer would take HD frames for BT.709);
+    gray frames become its luma plane (scaled to limited range) under neutral chroma. Where the
+    pipeline takes GRAY8 (``gray8``, nvvidconv), gray frames go as they are.
+    """
+
+    def __init__(self, settings: EncoderSettings, gray8: bool = False) -> None:
+        import cv2  # heavy: imported where used
+
+        width, height = settings.width, settings.height
+        self._cv2 = cv2
+        self._height = height
+        self._to_i420 = {"bgr": cv2.COLOR_BGR2YUV_I420, "rgb": cv2.COLOR_RGB2YUV_I420}.get(settings.pixel_format)
+        if settings.pixel_format == "gray" and gray8:
+            self.gst_format, self.strides, self.offsets = "gray8", (width,), (0,)
+            self.frame_bytes = width * height
+            self._frame: Optional[np.ndarray] = None
+            return
+        chroma = (width // 2) * (height // 2)
+        self.gst_format = "i420"
+        self.strides = (width, width // 2, width // 2)
+        self.offsets = (0, width * height, width * height + chroma)
+        self.frame_bytes = width * height + 2 * chroma
+        self._frame = np.empty((height * 3 // 2, width), np.uint8)
+        self._frame[height:] = 128  # neutral chroma, for gray frames (colour ones overwrite it)
+        # Full-range gray 0..255 to limited-range luma 16..235.
+        self._luma = np.round(16 + np.arange(256) * (219 / 255)).astype(np.uint8)
+
+    def caps(self) -> list[str]:
+        """Caps to set after rawvideoparse (its colorimetry property is GStreamer 1.18+ only)."""
+        return ["capssetter", "caps=video/x-raw,colorimetry=bt601"] if self.gst_format == "i420" else []
+
+    def convert(self, image: np.ndarray) -> np.ndarray:
+        """The bytes to write for one frame (a buffer reused for the next one)."""
+        if self._frame is None:
+            return np.ascontiguousarray(image)
+        if self._to_i420 is not None:
+            self._cv2.cvtColor(image, self._to_i420, dst=self._frame)
+        else:
+            self._cv2.LUT(image, self._luma, dst=self._frame[: self._height])
+        return self._frame
+
+
+def gst_pipeline(encoder_elements: list[str], feed: RawFeed, settings: EncoderSettings, out_fd: int) -> list[str]:
     """The pipeline as gst-launch-1.0 arguments: raw frames on stdin, H.264 access units on ``out_fd``."""
-    _, gst_format, channels = _RAW_FORMATS[settings.pixel_format]
+
+
     rate = settings.frame_rate
-    row = settings.width * channels
+    setter = feed.caps()
     return [
-        "fdsrc", "fd=0", f"blocksize={row * settings.height}", "!",
-        # Our rows are packed; GStreamer would otherwise assume rows padded to 4 bytes.
-        "rawvideoparse", f"format={gst_format}", f"width={settings.width}", f"height={settings.height}",
-        f"framerate={rate.numerator}/{rate.denominator}", f"plane-strides=<{row}>", "!",
+        "fdsrc", "fd=0", f"blocksize={feed.frame_bytes}", "!",
+        # Our planes are packed; GStreamer would otherwise assume rows padded to 4 bytes.
+        "rawvideoparse", f"format={feed.gst_format}", f"width={settings.width}", f"height={settings.height}",
+        f"framerate={rate.numerator}/{rate.denominator}",
+        f"plane-strides=<{','.join(map(str, feed.strides))}>", f"plane-offsets=<{','.join(map(str, feed.offsets))}>", "!",
+        *setter, *(["!"] if setter else []),
         *encoder_elements, "!",
         # config-interval=-1: SPS/PPS in front of every IDR frame, so any keyframe can start a
         # file and a receiver can join a stream there.
@@ -380,10 +469,12 @@ class GStreamerEncoder(Encoder):
         *,
         element: str,
         elements: Callable[[EncoderSettings], list[str]],
+        gray8: bool = False,
     ) -> None:
         super().__init__(settings, deliver)
         self.name = element
         self._elements = elements
+        self._feed = RawFeed(settings, gray8)
         self._fifo: deque[FrameStamp] = deque()
         self._fifo_lock = threading.Lock()
         self._error: Optional[BaseException] = None
@@ -391,7 +482,7 @@ class GStreamerEncoder(Encoder):
 
     def pipeline(self, out_fd: int) -> list[str]:
         """The pipeline, as gst-launch-1.0 arguments, writing access units to ``out_fd``."""
-        return gst_pipeline(self._elements(self.settings), self.settings, out_fd)
+        return gst_pipeline(self._elements(self.settings), self._feed, self.settings, out_fd)
 
     def _start(self) -> None:
         import av
@@ -399,12 +490,19 @@ class GStreamerEncoder(Encoder):
         # The parser splits the byte stream into access units (and flags keyframes); it only
         # parses, it decodes nothing.
         self._parser = av.CodecContext.create("h264", "r")
+        try:
+            elements = self._elements(self.settings)
+        except ValueError as exc:  # settings this encoder cannot take (an H.264 level)
+            raise fb.EncoderError(f"{self.name}: {exc}") from None
         read_end, write_end = os.pipe()
         try:
             # The child has a session of its own: a Ctrl-C in the terminal is ours to handle, and
             # we end the child with end of stream, in order.
             self._process = GstProcess(
-                self.pipeline(write_end), name=f"{self.name} encoder", stdin=subprocess.PIPE, pass_fds=(write_end,)
+                gst_pipeline(elements, self._feed, self.settings, write_end),
+                name=f"{self.name} encoder",
+                stdin=subprocess.PIPE,
+                pass_fds=(write_end,),
             )
         except OSError as exc:
             os.close(read_end)
@@ -423,7 +521,7 @@ class GStreamerEncoder(Encoder):
         with self._fifo_lock:
             self._fifo.append(stamp)
         try:
-            process.stdin.write(np.ascontiguousarray(image).data)
+            process.stdin.write(self._feed.convert(image).data)
             process.stdin.flush()
         except (BrokenPipeError, ValueError, OSError):
             process.wait(2.0)
@@ -452,7 +550,8 @@ class GStreamerEncoder(Encoder):
             # frame skipping); say so loudly if an element breaks it instead of mislabelling.
             log.error("%s returned an access unit with no frame waiting for it; dropped it", self.name)
             return
-        self._emit(EncodedPacket(bytes(unit), stamp.pts, stamp.pts, bool(unit.is_keyframe), (stamp,)))
+        data = bytes(unit)
+        self._emit(EncodedPacket(data, stamp.pts, stamp.pts, bool(unit.is_keyframe) or holds_idr_slice(data), (stamp,)))
 
     def _failure(self, what: str) -> str:
         process = self._process
@@ -513,9 +612,11 @@ def _pyav(codec: str, family: str, hardware: bool, description: str, options: Ca
     return EncoderSpec(codec, family, hardware, description, factory)
 
 
-def _gst(element: str, family: str, hardware: bool, description: str, elements: Callable[[EncoderSettings], list[str]]) -> EncoderSpec:
+def _gst(
+    element: str, family: str, hardware: bool, description: str, elements: Callable[[EncoderSettings], list[str]], gray8: bool = False
+) -> EncoderSpec:
     def factory(settings: EncoderSettings, deliver: Deliver) -> Encoder:
-        return GStreamerEncoder(settings, deliver, element=element, elements=elements)
+        return GStreamerEncoder(settings, deliver, element=element, elements=elements, gray8=gray8)
 
     return EncoderSpec(element, family, hardware, description, factory)
 
@@ -523,10 +624,11 @@ def _gst(element: str, family: str, hardware: bool, description: str, elements: 
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
     for spec in (
-        _gst("nvv4l2h264enc", "jetson", True, "Jetson hardware encoder (GStreamer, NVMM NV12)", _gst_nvv4l2h264enc),
-        _gst("omxh264enc", "jetson", True, "older Jetson hardware encoder (GStreamer OpenMAX)", _gst_omxh264enc),
+        _gst("nvv4l2h264enc", "jetson", True, "Jetson hardware encoder (GStreamer, NVMM NV12)", _gst_nvv4l2h264enc, gray8=True),
+        _gst("omxh264enc", "jetson", True, "older Jetson hardware encoder (GStreamer OpenMAX)", _gst_omxh264enc, gray8=True),
         _pyav("h264_nvenc", "nvenc", True, "NVIDIA NVENC (FFmpeg)", _nvenc_options, True),
-        _gst("vah264enc", "vaapi", True, "VAAPI (GStreamer va)", _gst_vah264enc),
+        _gst("vah264enc", "vaapi", True, "VAAPI (GStreamer va)", _gst_va("vah264enc")),
+        _gst("vah264lpenc", "vaapi", True, "VAAPI low-power (GStreamer va)", _gst_va("vah264lpenc")),
         _gst("vaapih264enc", "vaapi", True, "VAAPI (gstreamer-vaapi)", _gst_vaapih264enc),
         _pyav("h264_v4l2m2m", "v4l2m2m", True, "V4L2 memory-to-memory, e.g. Raspberry Pi (FFmpeg)", _v4l2m2m_options, False),
         _gst("v4l2h264enc", "v4l2m2m", True, "V4L2 memory-to-memory, e.g. Raspberry Pi (GStreamer)", _gst_v4l2h264enc),
@@ -541,6 +643,7 @@ AUTO_ORDER = (
     "omxh264enc",
     "h264_nvenc",
     "vah264enc",
+    "vah264lpenc",
     "vaapih264enc",
     "h264_v4l2m2m",
     "v4l2h264enc",

@@ -1,4 +1,5 @@
-"""Outputs: where encoded packets go. A file (.ts, .mp4 or .mkv), segmented .ts files, UDP, SRT.
+"""Outputs: where encoded packets go. The ``Output`` base, a file (.ts, .mp4 or .mkv), segmented .ts
+files, and the muxer they share; the network outputs (UDP, SRT, RTSP) are in ``live``.
 
 Every output muxes with FFmpeg's real muxers (``Muxer``, through PyAV) with a 1/90000 time base,
 so the PTS an encoder gave a packet is the PTS in the file. A file's extension names its
@@ -10,7 +11,7 @@ MPEG-TS the program's (service_provider "framebroker", service_name "<stream> en
 ``ffprobe -show_programs``), in MP4 and Matroska the title ("<stream> encoder=<name>").
 
 An output starts writing at the first keyframe it is given, so every file and stream begins
-where a decoder can start.
+where a decoder can start. ``status()`` is what ``framebroker status`` shows about it.
 
 A note on locking: ``start()`` and ``stop()`` take the output's lock and check its state;
 ``write()`` is called only by the ``PacketRouter``, one packet at a time, between the two.
@@ -21,37 +22,26 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import queue
 import re
-import shutil
-import subprocess
-import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any, Optional, Union
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import framebroker as fb
-from framebroker.sources import expand_env, redact, url_escape
+from framebroker.sources import redact
 
 from .lifecycle import Lifecycle, State
 from .packets import PTS_HZ, TIME_BASE, EncodedPacket, StreamInfo
+from .results import ResultSidecar, Sidecars, sidecar_path
 
 log = logging.getLogger("framebroker.recorder")
 
-# MPEG-TS over UDP: 7 TS packets of 188 bytes per datagram, the size every receiver expects and
-# one that fits an Ethernet MTU.
-UDP_PACKET_SIZE = 7 * 188
-# SRT options that carry secrets (mediamtx takes user and password in the streamid): they go to
-# ffmpeg through a private file, never on its command line, and are masked wherever shown.
-SRT_SECRET_OPTIONS = ("passphrase", "streamid", "srt_streamid")
-_SRT_SECRET_SETTING = re.compile(r"\b(" + "|".join(SRT_SECRET_OPTIONS) + r")=[^&\s]*")
-# SRT output: bytes queued for the ffmpeg child before packets are dropped (up to the next
-# keyframe) instead of waiting for a slow or absent receiver.
-SRT_QUEUE_BYTES = 16 * 1024 * 1024
-SRT_STOP_TIMEOUT = 5.0
+# The bit rate an output shows is measured over about this long (s).
+RATE_WINDOW = 2.0
 
 
 class OutputError(fb.FrameBrokerError):
@@ -161,6 +151,60 @@ class SidecarIndex:
         self._file.close()
 
 
+class Throughput:
+    """The bit rate of a growing byte count, over the last RATE_WINDOW seconds; measured when
+    asked (``framebroker status`` asks twice a second), by one thread."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def kbps(self, total_bytes: int) -> int:
+        now = time.monotonic()
+        samples = self._samples
+        samples.append((now, total_bytes))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        then, before = samples[0]
+        return round((total_bytes - before) * 8 / 1000 / (now - then)) if now > then else 0
+
+
+@dataclass(frozen=True)
+class OutputStatus:
+    """What ``framebroker status`` and the summary line say about one output.
+
+    ``state``: ``writing`` (a file, segments), ``buffering`` or ``writing clip`` (clips),
+    ``connecting`` (``listening`` for an SRT listener), ``connected``, ``reconnecting``, ``stopped``.
+    ``kbps``: the H.264 it took (a live output: sent) over the last seconds; None while a live
+    output is not connected. ``attempts``: failed attempts since the link was last up;
+    ``reason``: why the last one failed. ``reconnects``: times the link came back.
+    """
+
+    label: str
+    state: str
+    kbps: Optional[int] = None
+    attempts: int = 0
+    reason: str = ""
+    reconnects: int = 0
+
+    def text(self, label_chars: Optional[int] = None, reason_chars: Optional[int] = None) -> str:
+        """``rtsp://***@cam:8554/front reconnecting #3 re=1 (Connection refused)``, with the
+        label and the reason cut to at most so many characters (0: no reason)."""
+        words = [_shorten(self.label, label_chars), self.state]
+        if self.attempts:
+            words.append(f"#{self.attempts}")
+        if self.kbps is not None:
+            words.append(f"{self.kbps}kb/s")
+        if self.reconnects:
+            words.append(f"re={self.reconnects}")
+        if self.reason and reason_chars != 0:
+            words.append(f"({_shorten(self.reason, reason_chars)})")
+        return " ".join(words)
+
+
+def _shorten(text: str, limit: Optional[int]) -> str:
+    return text if limit is None or len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
 class Output(Lifecycle):
     """Takes encoded packets: ``start(info)``, ``write(packet)`` for each, ``stop()``."""
 
@@ -168,6 +212,8 @@ class Output(Lifecycle):
         super().__init__()
         self._started_on_keyframe = False
         self.skipped = 0  # packets before the first keyframe, not written
+        self.bytes_written = 0  # H.264 bytes of the packets written
+        self._throughput = Throughput()
 
     def start(self, info: StreamInfo) -> None:
         self._start_once(lambda: self._start(info))
@@ -184,9 +230,15 @@ class Output(Lifecycle):
             self._write(packet)
         except OSError as exc:  # FFmpeg's message may name the URL, credentials and all
             raise OutputError(f"writing {self.describe()} failed: {redact(str(exc))}") from None
+        self.bytes_written += len(packet.data)
 
     def stop(self) -> None:
         self._stop_once(self._stop)
+
+    def status(self) -> OutputStatus:
+        """For ``framebroker status``: from one thread at a time (the bit rate is measured here)."""
+        state = {State.NEW: "starting", State.RUNNING: "writing"}.get(self._state, self._state.value)
+        return OutputStatus(self.describe(), state, self._throughput.kbps(self.bytes_written))
 
     def _start(self, info: StreamInfo) -> None:
         raise NotImplementedError
@@ -200,15 +252,18 @@ class Output(Lifecycle):
 
 class FileOutput(Output):
     """One file (overwritten if it exists) in the container its extension names (``CONTAINERS``;
-    ValueError for another), with an optional sidecar index next to it."""
+    ValueError for another), with an optional sidecar index next to it, and with ``results``
+    (``record --results``) the models' results of its frames (``FILE.results.jsonl``)."""
 
-    def __init__(self, path: Union[str, Path], index: bool = False) -> None:
+    def __init__(self, path: Union[str, Path], index: bool = False, results: Optional[Sidecars] = None) -> None:
         super().__init__()
         self.container = container_for(path)
         self.path = Path(path)
         self.index_path = self.path.with_suffix(".csv") if index else None
+        self._results = results
         self._muxer: Optional[Muxer] = None
         self._index: Optional[SidecarIndex] = None
+        self._sidecar: Optional[ResultSidecar] = None
         self._complete_size = 0
 
     def describe(self) -> str:
@@ -220,9 +275,13 @@ class FileOutput(Output):
             self._muxer = Muxer("file:" + str(self.path.resolve()), info, self.container)
             if self.index_path is not None:
                 self._index = SidecarIndex(self.index_path)
+            if self._results is not None:
+                self._sidecar = self._results.open(self.path, self.container)
         except OSError as exc:
             if self._muxer is not None:
                 self._muxer.close()
+            if self._index is not None:
+                self._index.close()
             raise OutputError(f"cannot write {self.path}: {exc}") from None
 
     def _write(self, packet: EncodedPacket) -> None:
@@ -241,20 +300,26 @@ class FileOutput(Output):
         self._complete_size = os.path.getsize(self.path)
         if self._index is not None:
             self._index.add(packet)
+        if self._sidecar is not None:
+            self._sidecar.frames_written(packet.frames)
 
     def _stop(self) -> None:
         muxer, self._muxer = self._muxer, None
         index, self._index = self._index, None
+        sidecar, self._sidecar = self._sidecar, None
         try:
             if muxer is not None:
                 muxer.close()
         finally:
             if index is not None:
                 index.close()
+            if sidecar is not None:
+                sidecar.finish()  # closed once the models' results for its last frames are in
 
 
 class SegmentedOutput(Output):
-    """A new file every ``seconds``, each starting on a keyframe, with a sidecar index each.
+    """A new file every ``seconds``, each starting on a keyframe, with a sidecar index each (and a
+    results sidecar each, with ``results``).
 
     Files are ``DIR/<prefix>-<UTC start>.ts`` (the capture wall time of their first frame) and
     ``.csv``. A cut happens at the first keyframe at or after each multiple of ``seconds`` of
@@ -263,7 +328,9 @@ class SegmentedOutput(Output):
     at most ``keep`` remain.
     """
 
-    def __init__(self, directory: Union[str, Path], prefix: str, seconds: Fraction, keep: Optional[int] = None) -> None:
+    def __init__(
+        self, directory: Union[str, Path], prefix: str, seconds: Fraction, keep: Optional[int] = None, results: Optional[Sidecars] = None
+    ) -> None:
         super().__init__()
         if seconds <= 0:
             raise ValueError(f"segment length must be > 0 s, got {seconds}")
@@ -273,6 +340,7 @@ class SegmentedOutput(Output):
         self.prefix = prefix
         self.seconds = Fraction(seconds)
         self.keep = keep
+        self._results = results
         self._ticks = self.seconds * PTS_HZ
         self._info: Optional[StreamInfo] = None
         self._current: Optional[FileOutput] = None
@@ -309,7 +377,7 @@ class SegmentedOutput(Output):
             serial += 1
             path = self.directory / f"{stem}-{serial}.ts"
         assert self._info is not None
-        current = FileOutput(path, index=True)
+        current = FileOutput(path, index=True, results=self._results)
         current.start(self._info)
         self._current = current
         self._segment = self._segment_of(packet.pts)
@@ -327,7 +395,7 @@ class SegmentedOutput(Output):
         for old in ours[: max(0, len(ours) - self.keep)]:
             if old == current:
                 continue
-            for victim in (old, old.with_suffix(".csv")):
+            for victim in (old, old.with_suffix(".csv"), sidecar_path(old)):
                 try:
                     victim.unlink()
                 except FileNotFoundError:
@@ -341,267 +409,21 @@ class SegmentedOutput(Output):
             current.stop()
 
 
-def _check_network_target(url: str, scheme: str, shown: str) -> None:
-    """ValueError unless ``url`` is scheme://HOST:PORT[...]; ``shown`` is how to name it."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if parts.scheme != scheme or not parts.hostname or port is None:
-        raise ValueError(f"{shown!r} is not a {scheme}://HOST:PORT address")
+def make_output(target: str, index: bool = False, results: Optional[Sidecars] = None) -> Output:
+    """The output for one ``-o``: rtsp://HOST[:PORT]/PATH, srt://HOST:PORT[?...], udp://HOST:PORT or
+    a FILE.ts, .mp4 or .mkv (ValueError for anything else). ``index`` and ``results`` are for files only."""
+    from .live import LIVE_SCHEMES  # live outputs build on this module's Output and Muxer
 
-
-class UdpOutput(Output):
-    """MPEG-TS over UDP (FFmpeg's udp protocol), 7 TS packets per datagram.
-
-    Options in the URL go to FFmpeg (``?ttl=4``, ``?localaddr=``, multicast addresses work).
-    UDP has no connection: nothing fails when no one listens.
-    """
-
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        _check_network_target(url, "udp", redact(url))
-        query = dict(parse_qsl(urlsplit(url).query))
-        if "pkt_size" not in query:
-            url += ("&" if urlsplit(url).query else "?") + f"pkt_size={UDP_PACKET_SIZE}"
-        self.url = url
-        self._muxer: Optional[Muxer] = None
-
-    def describe(self) -> str:
-        return redact(self.url)
-
-    def _start(self, info: StreamInfo) -> None:
-        try:
-            self._muxer = Muxer(self.url, info, "mpegts")
-        except Exception as exc:
-            raise OutputError(f"cannot send to {self.describe()}: {redact(str(exc))}") from None
-
-    def _write(self, packet: EncodedPacket) -> None:
-        assert self._muxer is not None
-        self._muxer.mux(packet)
-
-    def _stop(self) -> None:
-        muxer, self._muxer = self._muxer, None
-        if muxer is not None:
-            muxer.close()
-
-
-class _Chunks:
-    """A write-only file object collecting what the muxer writes, taken after each packet."""
-
-    def __init__(self) -> None:
-        self._parts: list[bytes] = []
-
-    def write(self, data: Any) -> int:
-        self._parts.append(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data = b"".join(self._parts)
-        self._parts.clear()
-        return data
-
-
-class SrtOutput(Output):
-    """MPEG-TS over SRT, sent by an ``ffmpeg`` child (Debian's ffmpeg has libsrt; PyAV's has not).
-
-    We mux exactly as for a file and pipe the bytes to ``ffmpeg -f mpegts -i pipe: -c copy -f
-    mpegts srt://...``. A writer thread feeds the child from a bounded queue, so a slow or absent
-    receiver never blocks encoding: when the queue is full, packets are dropped up to the next
-    keyframe and counted. If the child ends (connection refused or lost), the recording fails with
-    the child's reason. URL options (``mode=listener``, ``latency=``, ``passphrase=``) go to ffmpeg.
-
-    Secrets stay off every command line: ``${NAME}`` in the URL reads the environment variable
-    NAME (so the recorder's own command line need not hold the passphrase), and the options in
-    ``SRT_SECRET_OPTIONS`` reach ffmpeg through ``-fpre``, a file of ``option=value`` lines that
-    ffmpeg applies to the output like command-line options, given as ``/dev/fd/N`` of an
-    in-memory file (memfd) that only this user and root can open. The URL ffmpeg gets on its
-    command line keeps only the other options. ``describe()`` shows the URL as written, with the
-    secret options masked.
-    """
-
-    def __init__(self, url: str, ffmpeg: str = "ffmpeg") -> None:
-        super().__init__()
-        expanded, self._secrets = expand_env(url, url_escape)
-        _check_network_target(expanded, "srt", self.describe_url(url))
-        parts = urlsplit(expanded)
-        public, self._secret_options = [], {}
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key in SRT_SECRET_OPTIONS:
-                if "\n" in value or "\r" in value:
-                    raise ValueError(f"the SRT option {key} of {self.describe_url(url)!r} must be one line")
-                self._secret_options[key] = value
-            else:
-                public.append((key, value))
-        self._secrets += tuple(self._secret_options.values())
-        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(public), ""))
-        self._shown = self.describe_url(url)
-        self._ffmpeg = ffmpeg
-        self._process: Optional[subprocess.Popen] = None
-        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue()
-        self._queued_bytes = 0
-        self._queued_lock = threading.Lock()
-        self._dropping = False
-        self._stderr: deque[str] = deque(maxlen=20)
-        self._error: Optional[str] = None
-        self._writer: Optional[threading.Thread] = None
-        self.dropped = 0
-
-    @staticmethod
-    def describe_url(url: str) -> str:
-        """``url`` as it may be shown: credentials and secret options masked."""
-        return _SRT_SECRET_SETTING.sub(lambda match: f"{match.group(1)}=***", redact(url))
-
-    def describe(self) -> str:
-        return self._shown
-
-    def _options_file(self) -> int:
-        """An in-memory file holding the secret options as ``-fpre`` reads them; -1 if none."""
-        if not self._secret_options:
-            return -1
-        fd = os.memfd_create("framebroker-srt-options")
-        os.write(fd, "".join(f"{key}={value}\n" for key, value in self._secret_options.items()).encode())
-        os.lseek(fd, 0, os.SEEK_SET)
-        return fd
-
-    def _start(self, info: StreamInfo) -> None:
-        program = shutil.which(self._ffmpeg)
-        if program is None:
-            raise OutputError("srt:// output needs the ffmpeg program (with libsrt): apt-get install ffmpeg")
-        options_fd = self._options_file()
-        argv = [
-            program, "-hide_banner", "-loglevel", "error",
-            # Start forwarding after a short look at the stream (it is ours: one H.264 stream).
-            "-probesize", "65536", "-analyzeduration", "500000",
-            "-f", "mpegts", "-i", "pipe:0", "-map", "0", "-c", "copy",
-            "-metadata", "service_provider=framebroker",
-            "-metadata", f"service_name={info.stream} encoder={info.encoder}",
-            *(["-fpre", f"/dev/fd/{options_fd}"] if options_fd >= 0 else []),
-            "-f", "mpegts", self.url,
-        ]  # fmt: skip
-        try:
-            self._process = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=(options_fd,) if options_fd >= 0 else (),
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise OutputError(f"cannot start ffmpeg for {self.describe()}: {exc}") from None
-        finally:
-            if options_fd >= 0:
-                os.close(options_fd)
-        self._chunks = _Chunks()
-        self._muxer = Muxer(self._chunks, info, "mpegts")  # type: ignore[arg-type]
-        self._writer = threading.Thread(target=self._feed, name="srt-writer", daemon=True)
-        self._writer.start()
-        threading.Thread(target=self._keep_stderr, name="srt-stderr", daemon=True).start()
-
-    def _keep_stderr(self) -> None:
-        """The last lines ffmpeg prints (secrets masked), to tell why it ended."""
-        process = self._process
-        assert process is not None and process.stderr is not None
-        for raw in process.stderr:
-            line = raw.decode("utf-8", "replace").strip()
-            if line:
-                self._stderr.append(self.describe_url(redact(line, self._secrets)))
-
-    def _feed(self) -> None:
-        process = self._process
-        assert process is not None and process.stdin is not None
-        while True:
-            data = self._queue.get()
-            if data is None:
-                break
-            with self._queued_lock:
-                self._queued_bytes -= len(data)
-            try:
-                process.stdin.write(data)
-                process.stdin.flush()
-            except (BrokenPipeError, OSError, ValueError):
-                try:
-                    process.wait(timeout=2.0)
-                except subprocess.TimeoutExpired:
-                    pass
-                self._error = self._reason()
-                return
-
-    def _reason(self) -> str:
-        code = self._process.returncode if self._process is not None else None
-        detail = " / ".join(self._stderr) or "no message"
-        return f"SRT output {self.describe()} stopped (ffmpeg exit {code}): {detail}"
-
-    def _write(self, packet: EncodedPacket) -> None:
-        if self._error is not None:
-            raise OutputError(self._error)
-        if self._dropping and not packet.keyframe:
-            self.dropped += 1
-            return
-        with self._queued_lock:
-            full = self._queued_bytes >= SRT_QUEUE_BYTES
-        if full:
-            if not self._dropping:
-                log.warning("SRT output %s cannot keep up; dropping packets up to the next keyframe", self.describe())
-            self._dropping = True
-            self.dropped += 1
-            return
-        self._dropping = False
-        self._muxer.mux(packet)
-        data = self._chunks.take()
-        with self._queued_lock:
-            self._queued_bytes += len(data)
-        self._queue.put(data)
-
-    def _stop(self) -> None:
-        try:
-            self._muxer.close()
-            tail = self._chunks.take()
-            if tail:
-                self._queue.put(tail)
-        finally:
-            self._queue.put(None)
-            if self._writer is not None:
-                self._writer.join(timeout=SRT_STOP_TIMEOUT)
-            process = self._process
-            if process is not None:
-                try:
-                    assert process.stdin is not None
-                    process.stdin.close()
-                except (BrokenPipeError, OSError):
-                    pass
-                try:
-                    process.wait(timeout=SRT_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.terminate()
-                    try:
-                        process.wait(timeout=2.0)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait()
-        if self._error is not None:
-            raise OutputError(self._error)
-
-
-def make_output(target: str, index: bool = False) -> Output:
-    """The output for ``-o``: udp://HOST:PORT, srt://HOST:PORT[?...] or a FILE.ts, .mp4 or .mkv
-    (ValueError for anything else)."""
     scheme = urlsplit(target).scheme if "://" in target else ""
-    if scheme == "udp":
-        return UdpOutput(target)
-    if scheme == "srt":
-        return SrtOutput(target)
+    if scheme in LIVE_SCHEMES:
+        return LIVE_SCHEMES[scheme](target)
     if scheme:
         raise ValueError(
-            f"-o {redact(target)!r}: unknown scheme {scheme}://; give a file (.ts, .mp4, .mkv), udp://HOST:PORT or srt://HOST:PORT"
+            f"-o {redact(target)!r}: unknown scheme {scheme}://; give a file (.ts, .mp4, .mkv), "
+            "rtsp://HOST[:PORT]/PATH, srt://HOST:PORT or udp://HOST:PORT"
         )
     try:
-        return FileOutput(target, index=index)
+        return FileOutput(target, index=index, results=results)
     except ValueError as exc:
         raise ValueError(f"-o {exc}") from None
 
@@ -609,13 +431,13 @@ def make_output(target: str, index: bool = False) -> Output:
 __all__ = [
     "CONTAINERS",
     "FileOutput",
+    "Muxer",
     "Output",
     "OutputError",
+    "OutputStatus",
     "SegmentedOutput",
     "SidecarIndex",
-    "SrtOutput",
-    "Muxer",
-    "UdpOutput",
+    "Throughput",
     "container_for",
     "make_output",
     "segment_stamp",

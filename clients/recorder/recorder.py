@@ -5,11 +5,18 @@ A note on threads:
 * The **reader thread** owns the ``fb.Reader`` (a Reader is for one thread). It takes every
   frame in order (``ordered()``), copies it, releases the slot at once and puts the copy in a
   bounded queue without ever waiting: when the queue is full the frame is dropped and counted.
-  So a slow encoder costs frames, never the ring's or the camera's time. It also publishes the
-  recorder's counters with ``Reader.set_info`` for ``framebroker status``.
+  So a slow encoder costs frames, never the ring's or the camera's time. The one exception is a
+  file replayed in lockstep (``serve FILE --pace lockstep``), where the daemon waits for its
+  readers anyway: there the reader thread waits for room in the queue, and no frame is lost.
+  It also publishes the recorder's counters with ``Reader.set_info`` for ``framebroker status``,
+  and each output's state (``Output.status()``: a live output's link, its bit rate, reconnects).
 * The **encode thread** takes frames from the queue, draws the overlays, gives each frame its PTS
   (from its capture ``timestamp_ns``) and feeds the encoder. Packets reach the ``PacketRouter``
-  from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer).
+  from this thread (PyAV) or from the encoder's own pipe-reading thread (GStreamer). With
+  ``burn_in``, it first waits for the models' results of the frame (``ResultFeed.for_frame``),
+  at most until ``burn_in_wait`` seconds after the frame's capture, and draws their boxes: the
+  wait happens here, so frames pile up in the queue (which is made that much longer), never in
+  the ring, and once the queue is full frames are dropped there and counted, as ever.
 * The **caller** (the CLI's main thread) starts, asks to stop, waits, and reads ``stats``.
 
 Counters are plain ints, each written by one thread and read by the others.
@@ -36,6 +43,7 @@ import framebroker as fb
 from .encoders import Encoder, EncoderSettings, EncoderSpec
 from .outputs import Output
 from .packets import FrameStamp, PacketRouter, StreamInfo, pts_from_ns
+from .results import ResultFeed, draw_results
 
 log = logging.getLogger("framebroker.recorder")
 
@@ -43,6 +51,11 @@ log = logging.getLogger("framebroker.recorder")
 READ_TIMEOUT = 0.25
 # How often counters are published to the reader table for `framebroker status` (s).
 INFO_PERIOD = 0.5
+# The outputs' entries in status, ever shorter until they fit the reader table's few hundred
+# bytes: (characters of each output's name, of a failure's reason; None: all, 0: none).
+STATUS_CUTS = ((None, None), (None, 40), (48, 24), (32, 0), (20, 0), (12, 0))
+# How long the recorder trusts what it last read about the stream's pace (s).
+PACE_CHECK_PERIOD = 1.0
 # Frames looked at (or how long, s) before opening the encoder, to measure the stream's rate.
 RATE_SAMPLE_FRAMES = 6
 RATE_SAMPLE_SECONDS = 0.3
@@ -61,8 +74,10 @@ class RecorderOptions:
     text: Optional[str] = None
     clock: bool = False
     bitrate_kbps: Optional[int] = None  # None: about 0.1 bit per pixel at the stream's rate
-    queue_frames: Optional[int] = None  # None: QUEUE_SECONDS of frames at the stream's rate
+    queue_frames: Optional[int] = None  # None: QUEUE_SECONDS (+ burn_in_wait) of frames at the stream's rate
     keyframe_interval: Fraction = Fraction(1)
+    burn_in: tuple[str, ...] = ()  # models whose boxes are drawn into the video
+    burn_in_wait: float = 0.5  # how long after its capture a frame may wait for those results (s)
 
 
 @dataclass
@@ -86,6 +101,7 @@ class Stats:
         self.last_timestamp_ns: Optional[int] = None
         self.encoder = ""
         self.queue_depth = 0
+        self.burn_in_late = 0  # frames encoded before every --burn-in model had got to them
         self.encode_seconds: deque[float] = deque(maxlen=2000)
 
     @property
@@ -174,15 +190,20 @@ class Recorder:
         output_label: str = "",
         router: Optional[PacketRouter] = None,
         extra_info: Optional[Callable[[], dict]] = None,
+        results: Optional[ResultFeed] = None,
     ) -> None:
         if options.queue_frames is not None and options.queue_frames < 1:
             raise ValueError(f"the queue must hold at least 1 frame, got {options.queue_frames}")
+        if options.burn_in and results is None:
+            raise ValueError("burn-in needs the models' results: pass results=ResultFeed(...)")
         self.reader = reader
+        self.results = results
         self.spec = encoder
         self.options = options
         self.router = router or PacketRouter()
         for output in outputs:
             self.router.attach(output)
+        self.outputs = list(outputs)
         self.output_label = output_label
         self.extra_info = extra_info  # more key/values for status (why software encodes, the clip buffer)
         self.stats = Stats()
@@ -194,6 +215,9 @@ class Recorder:
         # which the encode thread lowers once it knows the stream's rate.
         self._queue: "queue.Queue[Optional[CapturedFrame]]" = queue.Queue()
         self.queue_limit = options.queue_frames or QUEUE_FIRST_FRAMES
+        self._room = threading.Condition()  # notified whenever the encode thread takes an item
+        self._lockstep = False
+        self._pace_checked = -PACE_CHECK_PERIOD
         self._stop = threading.Event()
         self._done = threading.Event()
         self._encoder_failed = threading.Event()
@@ -262,7 +286,7 @@ class Recorder:
                         if time.monotonic_ns() - stats.first_timestamp_ns >= duration_ns:
                             self.request_stop("duration reached")
                             break
-                    self._publish_info()
+                    self.publish_info()
                     continue
                 with frame:
                     if stats.first_timestamp_ns is None:
@@ -275,19 +299,21 @@ class Recorder:
                     captured = CapturedFrame(frame.copy(), frame.seq, frame.timestamp_ns, frame.wall_time, frame.format)
                 stats.frames_read += 1
                 stats.last_timestamp_ns = captured.timestamp_ns
+                if self._queue.qsize() >= self.queue_limit and self._stream_in_lockstep():
+                    self._wait_for_room()
                 if self._queue.qsize() < self.queue_limit:
                     self._queue.put_nowait(captured)
                 else:
                     stats.queue_dropped += 1
                 stats.queue_depth = self._queue.qsize()
-                self._publish_info()
+                self.publish_info()
             else:
                 self.request_stop("the stream ended")
         except BaseException as exc:
             self.error = self.error or exc
             self.request_stop("reading failed")
         finally:
-            self._publish_info(force=True)
+            self.publish_info(force=True)
             # The encode thread drains what is queued, then ends at the sentinel.
             if not self._encoder_failed.is_set():
                 self._queue.put(_SENTINEL)
@@ -296,34 +322,68 @@ class Recorder:
             except Exception as exc:
                 log.debug("closing the reader: %s", exc)
 
-    def _publish_info(self, force: bool = False) -> None:
+    def _stream_in_lockstep(self) -> bool:
+        """Whether the stream is a file replayed in lockstep (its daemon waits for us anyway)."""
+        now = time.monotonic()
+        if now - self._pace_checked >= PACE_CHECK_PERIOD:
+            self._pace_checked = now
+            streams = fb.status(self.reader.stream)["streams"]
+            info = streams[0].get("info") if streams else None
+            replay = info.get("replay") if isinstance(info, dict) else None
+            self._lockstep = isinstance(replay, dict) and replay.get("pace") == "lockstep"
+        return self._lockstep
+
+    def _wait_for_room(self) -> None:
+        with self._room:
+            while self._queue.qsize() >= self.queue_limit and not (self._stop.is_set() or self._encoder_failed.is_set()):
+                self._room.wait(READ_TIMEOUT)
+
+    def _take(self, timeout: Optional[float] = None) -> Optional[CapturedFrame]:
+        """The next item for the encode thread (queue.Empty after ``timeout``)."""
+        item = self._queue.get(timeout=timeout)
+        with self._room:
+            self._room.notify()
+        return item
+
+    def publish_info(self, force: bool = False) -> None:
+        """Counters and each output's state for ``framebroker status`` (at most every INFO_PERIOD
+        unless forced); from one thread at a time (the reader thread, once it runs)."""
         now = time.monotonic()
         if not force and now < self._info_due:
             return
         self._info_due = now + INFO_PERIOD
         stats = self.stats
-        label = self.output_label
-        info = {
+        info: dict[str, Any] = {
             "encoder": stats.encoder,
             "written": self.router.frames,
             "dropped_ring": stats.ring_dropped,
             "dropped_queue": stats.queue_dropped,
             "queue": stats.queue_depth,
-            "out": label if len(label) <= 120 else "..." + label[-117:],
         }
-        if self.extra_info is not None:
-            info.update(self.extra_info())
-        try:
-            self.reader.set_info(**info)
-        except (fb.FrameBrokerError, ValueError) as exc:
-            log.debug("publishing recorder status: %s", exc)
+        if self.options.burn_in:
+            info["burn_in_late"] = stats.burn_in_late
+        extra = self.extra_info() if self.extra_info is not None else {}
+        info.update(extra)
+        statuses = [output.status() for output in self.outputs]
+        for label_chars, reason_chars in STATUS_CUTS:
+            if "out" not in extra:  # a program built on the recorder (the bridge) may say what it sends to
+                info["out"] = [status.text(label_chars, reason_chars) for status in statuses] or self.output_label
+            try:
+                self.reader.set_info(**info)
+                return
+            except ValueError:  # too long for the reader table: cut the outputs' entries shorter
+                continue
+            except fb.FrameBrokerError as exc:
+                log.debug("publishing recorder status: %s", exc)
+                return
+        log.debug("recorder status does not fit the reader table even cut short: %s", info)
 
     # --- the encode thread -----------------------------------------------------------------------------
 
     def _encode_loop(self) -> None:
         encoder: Optional[Encoder] = None
         try:
-            first = self._queue.get()
+            first = self._take()
             if first is _SENTINEL:
                 return
             batch = self._rate_sample(first)
@@ -335,7 +395,7 @@ class Recorder:
                     break
                 self._encode(encoder, item)
             while not ended:
-                item = self._queue.get()
+                item = self._take()
                 if item is _SENTINEL:
                     break
                 self._encode(encoder, item)
@@ -364,7 +424,7 @@ class Recorder:
             if remaining <= 0:
                 break
             try:
-                item = self._queue.get(timeout=remaining)
+                item = self._take(remaining)
             except queue.Empty:
                 break
             batch.append(item)
@@ -393,7 +453,9 @@ class Recorder:
         self._pixel_format = first.pixel_format
         fps = self._measure_fps(batch)
         if self.options.queue_frames is None:
-            self.queue_limit = min(QUEUE_MAX_FRAMES, max(2, round(QUEUE_SECONDS * fps)))
+            # Burn-in holds frames up to burn_in_wait longer: the queue grows by as much.
+            seconds = QUEUE_SECONDS + (self.options.burn_in_wait if self.options.burn_in else 0.0)
+            self.queue_limit = min(round(QUEUE_MAX_FRAMES * seconds / QUEUE_SECONDS), max(2, round(seconds * fps)))
         bitrate = self.options.bitrate_kbps or default_bitrate_kbps(self._geometry[1], self._geometry[0], fps)
         settings = EncoderSettings(
             width=self._geometry[1],
@@ -431,6 +493,17 @@ class Recorder:
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
         return image
 
+    def _burn_in(self, item: CapturedFrame) -> None:
+        """Draw the --burn-in models' boxes into the frame (its private copy), in the frame's own
+        pixels, before it is converted or resized for the encoder."""
+        assert self.results is not None
+        deadline_ns = item.timestamp_ns + int(self.options.burn_in_wait * 1e9)
+        found, late = self.results.for_frame(self.options.burn_in, item.seq, item.timestamp_ns, deadline_ns)
+        if late:
+            self.stats.burn_in_late += 1
+        if found:
+            draw_results(item.image, found, item.pixel_format)
+
     def _encode(self, encoder: Encoder, item: CapturedFrame) -> None:
         stats = self.stats
         first_ns = stats.first_timestamp_ns
@@ -440,6 +513,8 @@ class Recorder:
             # Two frames in the same 1/90000 s, or a clock that stepped back: keep PTS increasing.
             pts = self._last_pts + 1
         self._last_pts = pts
+        if self.options.burn_in:
+            self._burn_in(item)
         image = self._conform(item)
         if self.options.text or self.options.clock:
             if not image.flags.writeable:

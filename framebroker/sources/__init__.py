@@ -1,8 +1,11 @@
 """Camera sources: the URIs ``framebroker serve`` accepts and the code that reads each kind.
 
 ``parse_source(uri)`` validates a URI (``ValueError`` naming the problem); ``make_source``
-builds the reader for it. Kinds: ``test://`` (synthetic), files, V4L2/USB cameras (OpenCV),
-``csi://``, ``rtsp://`` and ``gst://`` (GStreamer, in a ``framebroker.gstreamer`` child).
+builds the reader for it. Kinds: ``test://`` (synthetic), files (PyAV, paced by their PTS),
+V4L2/USB cameras (OpenCV), ``csi://``, ``rtsp://`` and ``gst://`` (GStreamer, in a
+``framebroker.gstreamer`` child), ``zenoh://`` (a stream ``framebroker bridge`` publishes from
+another machine; the key expressions and wire format both ends share are in ``_zenoh_link``,
+whose public names are exported here for the bridge).
 ``${NAME}`` in rtsp:// and gst:// URIs reads the environment variable NAME (``expand_env``), so
 credentials need not be on any command line; ``redact`` hides them in text that is shown.
 """
@@ -12,12 +15,27 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
-from ._base import GeometryChanged, Source
+from ._base import GeometryChanged, Source, SourceRenumbered
 from ._gstreamer import CsiSource, GstSource, RtspSource
-from ._opencv import FileSource, V4L2Source
+from ._file import PACES, FileSource
+from ._opencv import V4L2Source
 from ._synthetic import TestPatternSource
 from .._redact import redact
 from ._uri import SourceSpec, expand_env, parse_source, url_escape
+from ._zenoh import ZenohSource
+from ._zenoh_link import (
+    ResultRelay,
+    VideoUnit,
+    ZenohMissing,
+    check_endpoint,
+    endpoints_text,
+    open_session,
+    peer_count,
+    remotes_key,
+    session_config,
+    status_key,
+    video_key,
+)
 
 _KINDS: dict[str, type[Source]] = {
     "test": TestPatternSource,
@@ -26,6 +44,7 @@ _KINDS: dict[str, type[Source]] = {
     "csi": CsiSource,
     "rtsp": RtspSource,
     "gst": GstSource,
+    "zenoh": ZenohSource,
 }
 
 
@@ -37,10 +56,17 @@ def make_source(
     fps: Optional[float] = None,
     pixel_format: str = "bgr",
     stop: Optional[threading.Event] = None,
+    pace: Optional[str] = None,
 ) -> Source:
-    """The Source object for a parsed URI (not opened yet)."""
+    """The Source object for a parsed URI (not opened yet). ``pace`` (``PACES``; default
+    realtime) is for files only: a camera's pace is the camera's."""
     if (width is None) != (height is None):
         raise ValueError("give both --width and --height, or neither")
+    options = {}
+    if pace is not None:
+        if spec.kind != "file":
+            raise ValueError(f"--pace is for files; {spec.display} is a live source, served at its own rate")
+        options["pace"] = pace
     return _KINDS[spec.kind](
         spec,
         width=width,
@@ -48,7 +74,30 @@ def make_source(
         fps=fps,
         pixel_format=pixel_format,
         stop=stop or threading.Event(),
+        **options,
     )
 
 
-__all__ = ["GeometryChanged", "Source", "SourceSpec", "expand_env", "make_source", "parse_source", "redact", "url_escape"]
+__all__ = [
+    "GeometryChanged",
+    "PACES",
+    "ResultRelay",
+    "Source",
+    "SourceRenumbered",
+    "SourceSpec",
+    "VideoUnit",
+    "ZenohMissing",
+    "check_endpoint",
+    "endpoints_text",
+    "expand_env",
+    "make_source",
+    "open_session",
+    "parse_source",
+    "peer_count",
+    "redact",
+    "remotes_key",
+    "session_config",
+    "status_key",
+    "url_escape",
+    "video_key",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +22,12 @@ class GeometryChanged(Exception):
         self.shape = shape
 
 
+class SourceRenumbered(SourceError):
+    """Raised by a source that relays another machine's frames (``frame_origin``) when their
+    numbering starts again (that machine's daemon restarted): the daemon starts a new ring,
+    as a restarted daemon would, and opens the source again."""
+
+
 class Source:
     """A camera (or a stand-in) that fills frames in place.
 
@@ -31,12 +37,20 @@ class Source:
     in nanoseconds if the driver reports one (else None: the daemon stamps it on arrival);
     ``close()`` at the end or before a reconnect. ``stop`` is set when the daemon shuts down:
     blocking waits must watch it.
+
+    A source that relays another machine's stream (``zenoh://``) sets ``frame_origin`` to the
+    frame's ``(seq, wall_time)`` there in each ``read_into``, and the daemon publishes the frame
+    under them; ``info()`` is what the daemon shows in status (``Publisher.set_info``), and
+    ``stream`` is the name the daemon serves the source under ("" when nothing does, as in
+    ``framebroker check``).
     """
 
     # False for sources that make every frame themselves on a schedule (test://, files): a late
     # frame from them is late, not lost, so gaps between their timestamps are not drops.
     may_drop_frames = True
     default_size = (480, 640)
+    stream = ""
+    frame_origin: Optional[Tuple[int, float]] = None
 
     def __init__(
         self,
@@ -74,6 +88,10 @@ class Source:
 
     def close(self) -> None:
         pass
+
+    def info(self) -> Dict[str, Any]:
+        """Key/values for ``framebroker status`` (merged into the stream's ``info``)."""
+        return {}
 
 
 class Pacer:

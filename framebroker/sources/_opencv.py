@@ -1,4 +1,4 @@
-"""Sources read through OpenCV's own backends: video files (FFmpeg) and USB/V4L2 cameras."""
+"""USB/V4L2 cameras, read through OpenCV's V4L2 backend (files: ``_file.py``, through PyAV)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .._errors import SourceEnded, SourceError
-from ._base import GeometryChanged, Pacer, Source, convert_into
+from .._errors import SourceError
+from ._base import GeometryChanged, Source, convert_into
 
 # V4L2 buffer timestamps come from CLOCK_MONOTONIC on current kernels; one further than this
 # from "now" means the driver uses another clock, and the arrival time is used instead.
@@ -44,59 +44,6 @@ class _OpenCVSource(Source):
             self._capture.release()
             self._capture = None
         self._pending = None
-
-
-class FileSource(_OpenCVSource):
-    """``file:///path.mp4`` or a bare path; paced at the file's own frame rate; ``?loop=1`` repeats."""
-
-    may_drop_frames = False
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.loop = self.spec.options.get("loop", "0") not in ("0", "", "false", "no")
-        self._native_shape: tuple[int, ...] = ()
-
-    def open(self) -> None:
-        import cv2
-
-        path = self.spec.target
-        if not os.path.exists(path):
-            raise SourceError(f"file not found: {path}")
-        if os.path.isdir(path):
-            raise SourceError(f"{path} is a directory, not a video file")
-        if not os.access(path, os.R_OK):
-            raise SourceError(f"permission denied reading {path}")
-        capture = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
-        if not capture.isOpened():
-            capture.release()
-            raise SourceError(f"cannot decode {path}: not a video file OpenCV/FFmpeg can read")
-        self._capture = capture
-        native_h = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        native_w = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-        if native_h <= 0 or native_w <= 0:
-            self.close()
-            raise SourceError(f"{path} has no video stream with a size")
-        self._native_shape = (native_h, native_w, 3)
-        self.shape = self._shape_for(self.height or native_h, self.width or native_w)
-        file_fps = capture.get(cv2.CAP_PROP_FPS)
-        self.fps = self.requested_fps or (file_fps if 0 < file_fps <= 1000 else 30.0)
-        self._pacer = Pacer(self.fps, self.stop)
-
-    def read_into(self, out: np.ndarray) -> Optional[int]:
-        import cv2
-
-        image = self._read_bgr(out)
-        if image is None and self.loop:
-            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            image = self._read_bgr(out)
-        if image is None:
-            if self.loop:
-                raise SourceError(f"{self.spec.target}: could not read a frame after rewinding")
-            raise SourceEnded(f"end of file {self.spec.target}")
-        self._pacer.wait()
-        captured = time.monotonic_ns()
-        convert_into(image, out, self.pixel_format)
-        return captured
 
 
 class V4L2Source(_OpenCVSource):

@@ -21,12 +21,12 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 from .._errors import SourceError
 from .._redact import redact
 
-SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://")
+SCHEMES = ("test://", "file://", "v4l2://", "usb://", "csi://", "rtsp://", "rtsps://", "gst://", "zenoh://")
 _SCHEME_NAMES = tuple(scheme[: -len("://")] for scheme in SCHEMES)
 # "word:" at the start, and the slashes after it: how a URI with a mistyped scheme begins.
 _SCHEME_LIKE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*):(?P<slashes>/*)")
 
-_HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path or gst://PIPELINE"
+_HELP = "use test://, file:///path.mp4 (or a path), v4l2:///dev/video0, /dev/video0, usb://0, csi://0, rtsp://host/path, gst://PIPELINE or zenoh://STREAM?connect=tcp/HOST:7447"
 
 # Query options each kind understands. RTSP URLs may carry the camera's own query parameters,
 # so for rtsp:// only these keys are taken out and the rest stays in the URL.
@@ -37,6 +37,11 @@ OPTIONS = {
     "csi": {"flip": "nvvidconv flip-method 0-7", "sensor_mode": "nvarguscamerasrc sensor-mode"},
     "rtsp": {"latency": "jitter buffer in ms (rtspsrc latency), default 200", "transport": "tcp or udp"},
     "gst": {},
+    "zenoh": {
+        "connect": "a Zenoh endpoint to connect to, e.g. tcp/192.168.1.20:7447 (repeatable)",
+        "listen": "a Zenoh endpoint to listen on, e.g. tcp/0.0.0.0:7447 (repeatable)",
+        "config": "a Zenoh config file (JSON5)",
+    },
 }
 
 
@@ -161,6 +166,8 @@ def parse_source(uri: object) -> SourceSpec:
         return SourceSpec("v4l2", os.path.normpath(rest), _options("v4l2", query, text), display=text)
     if lower.startswith(("rtsp://", "rtsps://")):
         return _parse_rtsp(text)
+    if lower.startswith("zenoh://"):
+        return _parse_zenoh(text)
     if lower.startswith("file://"):
         rest, _, query = text[len("file://") :].partition("?")
         path = unquote(rest)
@@ -227,6 +234,34 @@ def check_file_exists(spec: SourceSpec) -> None:
             f"file not found: {path}{where}{hint}: give an existing video file, "
             "or a camera or test source such as /dev/video0, csi://0 or test://"
         )
+
+
+def _parse_zenoh(text: str) -> SourceSpec:
+    """``zenoh://STREAM?connect=E&listen=E&config=FILE``: the stream a ``framebroker bridge``
+    publishes, how to reach it (connect and listen repeat), or a Zenoh config file saying it."""
+    from .._layout import validate_stream_name
+    from ._zenoh_link import check_endpoint
+
+    stream, _, query = text[len("zenoh://") :].partition("?")
+    stream = stream.strip("/")
+    try:
+        validate_stream_name(stream)
+    except ValueError as exc:
+        raise ValueError(f"zenoh:// names the origin's stream, as in zenoh://cam0?connect=tcp/192.168.1.20:7447: {exc}") from None
+    options: dict = {"connect": [], "listen": []}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in OPTIONS["zenoh"]:
+            _options("zenoh", f"{key}=", text)  # raises, naming the options there are
+        if key == "config":
+            options["config"] = value
+        else:
+            options[key].append(check_endpoint(value))
+    if not (options["connect"] or options["listen"] or options.get("config")):
+        raise ValueError(
+            f"{text!r} says nowhere to find the bridge: add ?connect=tcp/HOST:7447 (where framebroker bridge "
+            f"{stream} --listen ... runs, or a Zenoh router), ?listen=tcp/0.0.0.0:7447, or ?config=FILE"
+        )
+    return SourceSpec("zenoh", stream, options, display=text)
 
 
 def _parse_rtsp(raw: str) -> SourceSpec:

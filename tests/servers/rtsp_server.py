@@ -1,10 +1,19 @@
-"""A real RTSP server for tests: GStreamer's rtsp-server serving an H.264 test pattern.
+"""A real RTSP server for tests: GStreamer's rtsp-server serving an H.264 test pattern, or, with
+``--record FILE``, taking the stream a publisher sends (ANNOUNCE, RECORD) and writing it to FILE.
 
 Runs under Debian's own python3 with python3-gi (PyGObject does not build from PyPI there):
     /usr/bin/python3 tests/servers/rtsp_server.py PORT [--user U --password P] [--width W --height H]
+        [--codec h264|h265] [--audio-first] [--record FILE]
+``--audio-first`` announces an audio stream (a tone, 8 kHz A-law) as the first stream of the
+description, before the video, as many IP cameras do. ``--codec h265`` serves H.265 video.
 ``--user-env NAME`` and ``--password-env NAME`` take them from environment variables instead, off
 the command line (for the test that looks at every process's command line). Prints
 "ready rtsp://127.0.0.1:PORT/test" when it listens; SIGTERM stops it.
+
+``--record FILE``: rtsp://127.0.0.1:PORT/test accepts one H.264 publisher at a time (over TCP, as
+the recorder's rtsp:// output sends it), checks ``--user``/``--password`` if given, and writes
+the H.264 it receives to FILE as MPEG-TS, each packet as it arrives. Prints "recording" when a
+publisher's stream starts and "publisher gone" when it ends (TEARDOWN or a lost connection).
 """
 
 import argparse
@@ -19,6 +28,11 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 
+def watch_publisher(media):
+    print("recording", flush=True)
+    media.connect("unprepared", lambda _media: print("publisher gone", flush=True))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
@@ -29,6 +43,9 @@ def main():
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--fps", type=int, default=15)
+    parser.add_argument("--codec", choices=("h264", "h265"), default="h264")
+    parser.add_argument("--audio-first", action="store_true")
+    parser.add_argument("--record", metavar="FILE")
     args = parser.parse_args()
     if args.user_env:
         args.user = os.environ[args.user_env]
@@ -39,12 +56,28 @@ def main():
     server.set_address("127.0.0.1")
     server.set_service(str(args.port))
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(
-        f"( videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
-        f"framerate={args.fps}/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} "
-        "! rtph264pay name=pay0 pt=96 )"
+    # Streams are announced in the order of their payloaders' names: pay0 first.
+    video, audio = ("pay1", "pay0") if args.audio_first else ("pay0", "pay1")
+    encoder = {
+        "h264": f"x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} ! rtph264pay",
+        "h265": f"x265enc tune=zerolatency speed-preset=ultrafast key-int-max={args.fps} ! rtph265pay",
+    }[args.codec]
+    launch = (
+        f"videotestsrc is-live=true pattern=ball ! video/x-raw,width={args.width},height={args.height},"
+        f"framerate={args.fps}/1 ! {encoder} name={video} pt=96"
     )
-    factory.set_shared(True)
+    if args.audio_first:
+        launch += (
+            " audiotestsrc is-live=true wave=sine samplesperbuffer=160 ! audio/x-raw,rate=8000,channels=1"
+            f" ! alawenc ! rtppcmapay name={audio} pt=8"
+        )
+    if args.record:
+        # The publisher's payloader feeds depay0; "unbuffered" puts each packet in the file at once.
+        launch = f"rtph264depay name=depay0 ! h264parse ! mpegtsmux ! filesink location={args.record} buffer-mode=2"
+        factory.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
+        factory.connect("media-configure", lambda _factory, media: watch_publisher(media))
+    factory.set_launch(f"( {launch} )")
+    factory.set_shared(not args.record)
     if args.user:
         auth = GstRtspServer.RTSPAuth()
         token = GstRtspServer.RTSPToken()
