@@ -626,7 +626,8 @@ PyDoc_STRVAR(take_doc,
     "reader's position moved on (_last_seq, _frames, _seen_newest and _seen_at, _progress_due).\n"
     "In next and ordered mode, a reader on the wake word that finds nothing new sleeps on it until\n"
     "a frame comes, at most one liveness step and not past `deadline` (time.monotonic(), or None),\n"
-    "and leases it at once; False if the step passed without one (_get then checks the daemon).\n"
+    "and leases it at once; False if it slept to the end of the step or to the deadline without\n"
+    "one (_get then checks the daemon).\n"
     "None when _get's own steps must decide: nothing new without waiting here, the same frame\n"
     "again, an ended or replaced segment, a frame gone before an ordered reader got to it, another\n"
     "mode than the reader's, an orphaned reader. In live mode (latest()) the figures are written\n"
@@ -751,12 +752,16 @@ static PyObject *ReaderPath_take(ReaderPath *self, PyObject *const *args, Py_ssi
         /* Nothing new: sleep on the wake word, then look again (woken or not). */
         Py_DECREF(frame);
         double now = monotonic_seconds();
-        if (now >= deadline)
-            Py_RETURN_NONE; /* _get raises FrameTimeout */
-        if (step_end < 0)
+        if (step_end < 0) {
+            if (now >= deadline)
+                Py_RETURN_NONE; /* _get raises FrameTimeout */
             step_end = fmin(now + self->liveness_step, deadline);
+        }
+        /* Slept to the end of the step or to the deadline without a frame: False, so that _get
+         * checks the daemon before it raises FrameTimeout (a reader that only ever waits less
+         * than a liveness step must still notice a daemon that died and follow its successor). */
         if (now >= step_end)
-            Py_RETURN_FALSE; /* a whole liveness step without a frame */
+            Py_RETURN_FALSE;
         if (reader_sleep(self, self->newest, step_end - now) < 0)
             return NULL;
     }

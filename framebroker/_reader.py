@@ -379,7 +379,8 @@ class Reader:
                 # (_fastpath.c). None leaves the rest to the steps below.
                 frame = fast.take(self, mode, deadline)
                 if frame is False:
-                    # A whole liveness step without a frame: is the daemon still there?
+                    # A wait to the end of a liveness step or to the deadline, without a frame:
+                    # is the daemon still there?
                     if not attachment.segment.owner_alive():
                         self._orphan()
                     attachment = self._attachment or attachment

@@ -1,4 +1,4 @@
-"""The public Python API (design.md section 3): names, errors, lifetimes, zero-copy."""
+"""The public Python API: names, errors, lifetimes, zero-copy."""
 
 from __future__ import annotations
 

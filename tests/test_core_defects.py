@@ -153,6 +153,34 @@ def test_a_listener_follows_a_daemon_restart_to_a_new_queue(env):
         assert not _queue_exists(before) and _queue_exists(inbox.name)
 
 
+def test_a_reader_whose_waits_are_shorter_than_the_liveness_step_follows_a_restart(env):
+    """A reader that only waits a short while per call (next(timeout=0.2), as the preview's
+    encoder thread does) must still notice that its daemon stopped and attach to the next one.
+    The compiled wait once ended at the deadline without checking the daemon, so such a reader
+    kept waiting on the dead daemon's segment for ever."""
+    daemon, name = env.serve("test://", None, "--fps", "20", "--width", "64", "--height", "48")
+    with fb.Reader(name) as cam:
+        cam.next(timeout=5.0)
+        daemon.stop()
+        while True:  # until the stop shows: the last frames may still be there to take
+            try:
+                cam.next(timeout=0.2)
+            except fb.FrameTimeout:
+                break
+        daemon, _ = env.serve("test://", name, "--fps", "20", "--width", "64", "--height", "48")
+        seqs = []
+
+        def taken() -> bool:
+            try:
+                seqs.append(cam.next(timeout=0.2).seq)
+            except fb.FrameTimeout:
+                pass
+            return len(seqs) >= 3
+
+        wait_until(taken, 10, "frames from the restarted daemon through short waits")
+    daemon.stop()
+
+
 # --- taking over a stale stream removes only the dead daemon's semaphores ---------------------------
 
 

@@ -1,4 +1,4 @@
-"""One test (or more) per invariant of design.md section 2, each able to fail.
+"""One test (or more) per invariant of the ring (the protocol in framebroker/_ring.py), each able to fail.
 
 Where an invariant is about integrity, a negative control runs the same checker against a
 deliberately broken producer and asserts that it *does* report damage, so a green result means
