@@ -89,9 +89,9 @@ def test_close_triggers_make_one_clip_far_ones_two(env, tmp_path):
         assert fb.trigger(name, "first", seq=300, timestamp_ns=stamps[300]) == 1
         publish_until(360)  # 2 s later
         assert fb.trigger(name, "second", seq=360, timestamp_ns=stamps[360]) == 1
-        publish_until(1260)  # 30 s after that
-        assert fb.trigger(name, "third", seq=1260, timestamp_ns=stamps[1260]) == 1
-        publish_until(1500)  # past the last post-roll
+        publish_until(720)  # 12 s after that: more than a post-roll and a pre-roll apart
+        assert fb.trigger(name, "third", seq=720, timestamp_ns=stamps[720]) == 1
+        publish_until(960)  # past the last post-roll
         wait_until(lambda: len(clip_files(tmp_path)) == 2, 30, "two clips")
         # Stopped (SIGTERM finishes cleanly), the recorder has written every clip it ever will.
         recorder.signal(signal.SIGTERM)
@@ -104,7 +104,7 @@ def test_close_triggers_make_one_clip_far_ones_two(env, tmp_path):
     one = capture_times(tmp_path / first["file"])
     assert min(one) <= 300 - 3 * FPS and max(one) >= 360 + 5 * FPS - 1
     two = capture_times(tmp_path / second["file"])
-    assert min(two) <= 1260 - 3 * FPS and max(two) >= 1260 + 5 * FPS - 1
+    assert min(two) <= 720 - 3 * FPS and max(two) >= 720 + 5 * FPS - 1
     assert max(one) < min(two)
     for summary in (first, second):
         frames = decode(tmp_path / summary["file"])
