@@ -20,6 +20,7 @@ compiled readers keep waiting on their semaphores like pure-Python ones.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import warnings
@@ -88,10 +89,12 @@ def _layout_mismatches(module: ModuleType) -> list:
 
 def _load() -> "tuple[Optional[ModuleType], str]":
     """The extension, or None and why not."""
+    if importlib.util.find_spec(f"{__package__}._fastpath") is None:
+        return None, "it was not built (no framebroker/_fastpath*.so beside the package)"
     try:
         from . import _fastpath
     except ImportError as exc:
-        return None, f"it is not installed or does not load ({exc})"
+        return None, f"it does not load ({exc})"
     mismatches = _layout_mismatches(_fastpath)
     if mismatches:
         return None, f"it was built for another ring layout ({', '.join(mismatches)} differ): rebuild it"

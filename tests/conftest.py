@@ -29,6 +29,10 @@ class Proc:
     def __init__(self, argv: list[str], label: str, env: Optional[dict] = None, stdin: Any = subprocess.DEVNULL) -> None:
         self.label = label
         self.argv = argv
+        self.hung = False  # did not end within stop()'s timeout after SIGTERM
+        # Python children dump every thread's traceback on SIGABRT (see stop()).
+        env = dict(os.environ if env is None else env)
+        env.setdefault("PYTHONFAULTHANDLER", "1")
         self.popen = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
@@ -116,8 +120,15 @@ class Proc:
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait()
+                # Where was it stuck? SIGABRT makes a Python child print every thread's
+                # traceback (PYTHONFAULTHANDLER), which a failing teardown then shows.
+                self.hung = True
+                os.kill(self.pid, signal.SIGABRT)
+                try:
+                    self.popen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.pid, signal.SIGKILL)
+                    self.popen.wait()
         for thread in self._threads:
             thread.join(timeout=5)
         return self.popen.returncode
@@ -205,7 +216,8 @@ class Env:
             except OSError:
                 pass
         if leaked and self.require_clean:
-            raise AssertionError(f"{self.test} left objects in /dev/shm: {leaked}")
+            hung = "".join(f"\n{proc.label} did not end after SIGTERM (its traceback, if Python, is in its stderr):\n{proc.output()}" for proc in self.procs if proc.hung)
+            raise AssertionError(f"{self.test} left objects in /dev/shm: {leaked}{hung}")
 
 
 # Tests that take a minute or more, or a browser (markers registered in pyproject.toml): each
