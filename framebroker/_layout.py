@@ -33,7 +33,7 @@ SEGMENT_PREFIX = "framebroker."
 OBJECT_SEPARATOR = "@"
 
 MAGIC = b"FRMBRKR\x00"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4  # 4: the wake word (WAKE_OFFSET) and FLAG_FUTEX: a version 3 producer would never wake a compiled reader
 
 HEADER_SIZE = 4096
 META_RECORD_SIZE = 64
