@@ -2,7 +2,8 @@
 # Installs framebroker into .venv, a virtual environment beside this file, with the system's
 # Python 3 (3.8 or newer): Debian 12 and Ubuntu 23.04+ refuse `pip install` into the system
 # Python (PEP 668), and a venv is how they ask to be used. The venv module comes with apt when
-# it is missing (python3.X-venv, with sudo if not root).
+# it is missing (python3.X-venv, with sudo if not root), and so do gcc and python3.X-dev, which
+# build the compiled frame path.
 #
 #   bash install.sh          # then: .venv/bin/framebroker demo
 #   bash install.sh --dev    # editable, with the test and bench extras (README, Development)
@@ -46,6 +47,16 @@ if ! "$PYTHON" -c 'import ensurepip, venv' 2> /dev/null; then
     apt_install "python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"
 fi
 
+# The compiled frame path (framebroker/_fastpath.c) needs a C compiler and the Python headers;
+# without them the install still works, on the slower pure-Python frame path.
+if ! command -v cc > /dev/null || ! "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    if command -v apt-get > /dev/null; then
+        apt_install gcc "python$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev"
+    else
+        echo "install.sh: no C compiler or no Python headers: framebroker will run its pure-Python frame path" >&2
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
@@ -56,4 +67,5 @@ if [ "$SPEC" = "." ]; then
 else
     .venv/bin/python -m pip install --quiet -e "$SPEC"
 fi
-echo "install.sh: framebroker $(.venv/bin/python -c 'import framebroker; print(framebroker.__version__)') is in .venv: run .venv/bin/framebroker" >&2
+path="$(.venv/bin/python -W ignore -c 'import framebroker._fast as f; print("compiled" if f.compiled() else "pure-Python (" + f.why_pure + ")")')"
+echo "install.sh: framebroker $(.venv/bin/python -W ignore -c 'import framebroker; print(framebroker.__version__)') is in .venv, on the $path frame path: run .venv/bin/framebroker" >&2
