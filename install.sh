@@ -5,7 +5,7 @@
 # it is missing (python3.X-venv, with sudo if not root), and so do gcc and python3.X-dev, which
 # build the compiled frame path.
 #
-#   bash install.sh          # then: .venv/bin/framebroker demo
+#   bash install.sh          # then: .venv/bin/framebroker demo (the package editable, from here)
 #   bash install.sh --dev    # editable, with the test and bench extras (README, Development)
 #
 # PYTHON=/path/to/python3 picks another interpreter.
@@ -62,10 +62,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The pip inside a new venv can be old (Ubuntu 20.04's is 20.0): a current one knows the wheels.
 .venv/bin/python -m pip install --quiet --upgrade pip
-if [ "$SPEC" = "." ]; then
-    .venv/bin/python -m pip install --quiet .
-else
-    .venv/bin/python -m pip install --quiet -e "$SPEC"
-fi
+# Editable, so that this clone is the package: the commands' own children (`python -m
+# framebroker ...`, started from wherever the user is, often this folder) then import the same
+# code, with the compiled frame path built into framebroker/ beside it.
+.venv/bin/python -m pip install --quiet -e "$SPEC"
 path="$(.venv/bin/python -W ignore -c 'import framebroker._fast as f; print("compiled" if f.compiled() else "pure-Python (" + f.why_pure + ")")')"
 echo "install.sh: framebroker $(.venv/bin/python -W ignore -c 'import framebroker; print(framebroker.__version__)') is in .venv, on the $path frame path: run .venv/bin/framebroker" >&2
