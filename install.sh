@@ -6,7 +6,7 @@
 # build the compiled frame path.
 #
 #   bash install.sh          # then: .venv/bin/framebroker demo (the package editable, from here)
-#   bash install.sh --dev    # editable, with the test and bench extras (README, Development)
+#   bash install.sh --dev    # editable, with the test, bench and zenoh extras (README, Development)
 #
 # PYTHON=/path/to/python3 picks another interpreter.
 set -euo pipefail
@@ -16,7 +16,7 @@ PYTHON="${PYTHON:-python3}"
 SPEC="."
 case "${1:-}" in
     "") ;;
-    --dev) SPEC=".[test,bench]" ;;
+    --dev) SPEC=".[test,bench,zenoh]" ;;
     *) echo "usage: bash install.sh [--dev]" >&2; exit 2 ;;
 esac
 
