@@ -10,8 +10,8 @@ test encode, hardware where there is one) and each H.264 access unit goes out on
 ``framebroker/NAME/video`` with its frame's seq, capture time and wall time. Keyframes come every
 ``--keyframe-interval`` seconds, each with SPS and PPS, so a remote that joins late starts within
 that time. Beside the video: the stream's status once a second, and every model's results both
-ways (``framebroker.sources.ResultRelay``). The key expressions and the wire format are described in
-``framebroker/sources/_zenoh_link.py`` and in docs/bridge.md.
+ways (``framebroker.zenoh_link.ResultRelay``). The key expressions and the wire format are described in
+``framebroker/zenoh_link.py`` and in docs/bridge.md.
 
 ``framebroker status`` shows the bridge as a reader of the stream, with its link (Zenoh peers,
 whether anything subscribes), what it sent and the results it carried.
@@ -35,7 +35,7 @@ from typing import Any, Deque, Dict, Optional
 
 import framebroker as fb
 from framebroker.arguments import float_in, int_in, stream_name
-from framebroker.sources import (
+from framebroker.zenoh_link import (
     ResultRelay,
     VideoUnit,
     ZenohMissing,

@@ -204,7 +204,7 @@ def test_a_late_joiner_starts_at_a_keyframe_with_parameter_sets(env):
     """Every keyframe on the wire is an IDR with SPS and PPS, and they come at the interval asked."""
     import zenoh
 
-    from framebroker.sources import VideoUnit, session_config, video_key
+    from framebroker.zenoh_link import VideoUnit, session_config, video_key
     from framebroker_clients.recorder.h264 import IDR, PPS, SPS, nal_type, nal_units
 
     link = Link(env)

@@ -317,7 +317,7 @@ def test_a_client_gives_up_after_wait_seconds(env):
 
 # --- packaging: clients use the public API, load on demand, and install cleanly -------------------
 
-PUBLIC_MODULES = {"framebroker", "framebroker.arguments", "framebroker.gstreamer", "framebroker.sources", "framebroker.testpattern"}
+PUBLIC_MODULES = {"framebroker", "framebroker.arguments", "framebroker.gstreamer", "framebroker.sources", "framebroker.testpattern", "framebroker.zenoh_link"}
 
 
 def test_clients_import_only_the_public_api():

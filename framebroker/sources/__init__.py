@@ -4,8 +4,8 @@
 builds the reader for it. Kinds: ``test://`` (synthetic), files (PyAV, paced by their PTS),
 V4L2/USB cameras (OpenCV), ``csi://``, ``rtsp://`` and ``gst://`` (GStreamer, in a
 ``framebroker.gstreamer`` child), ``zenoh://`` (a stream ``framebroker bridge`` publishes from
-another machine; the key expressions and wire format both ends share are in ``_zenoh_link``,
-whose public names are exported here for the bridge).
+another machine; the key expressions and wire format both ends share are in
+``framebroker.zenoh_link``).
 ``${NAME}`` in rtsp:// and gst:// URIs reads the environment variable NAME (``expand_env``), so
 credentials need not be on any command line; ``redact`` hides them in text that is shown.
 """
@@ -23,19 +23,6 @@ from ._synthetic import TestPatternSource
 from .._redact import redact
 from ._uri import SourceSpec, expand_env, parse_source, url_escape
 from ._zenoh import ZenohSource
-from ._zenoh_link import (
-    ResultRelay,
-    VideoUnit,
-    ZenohMissing,
-    check_endpoint,
-    endpoints_text,
-    open_session,
-    peer_count,
-    remotes_key,
-    session_config,
-    status_key,
-    video_key,
-)
 
 _KINDS: dict[str, type[Source]] = {
     "test": TestPatternSource,
@@ -81,23 +68,12 @@ def make_source(
 __all__ = [
     "GeometryChanged",
     "PACES",
-    "ResultRelay",
     "Source",
     "SourceRenumbered",
     "SourceSpec",
-    "VideoUnit",
-    "ZenohMissing",
-    "check_endpoint",
-    "endpoints_text",
     "expand_env",
     "make_source",
-    "open_session",
     "parse_source",
-    "peer_count",
     "redact",
-    "remotes_key",
-    "session_config",
-    "status_key",
     "url_escape",
-    "video_key",
 ]

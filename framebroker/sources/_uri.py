@@ -240,7 +240,7 @@ def _parse_zenoh(text: str) -> SourceSpec:
     """``zenoh://STREAM?connect=E&listen=E&config=FILE``: the stream a ``framebroker bridge``
     publishes, how to reach it (connect and listen repeat), or a Zenoh config file saying it."""
     from .._layout import validate_stream_name
-    from ._zenoh_link import check_endpoint
+    from ..zenoh_link import check_endpoint
 
     stream, _, query = text[len("zenoh://") :].partition("?")
     stream = stream.strip("/")

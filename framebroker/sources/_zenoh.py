@@ -1,6 +1,6 @@
 """``zenoh://STREAM?connect=ENDPOINT``: a stream that ``framebroker bridge`` publishes on another machine.
 
-The source subscribes to the stream's key expressions (``_zenoh_link``), decodes its H.264 access
+The source subscribes to the stream's key expressions (``framebroker.zenoh_link``), decodes its H.264 access
 units with FFmpeg (PyAV) and hands each frame to the daemon with the origin's ``seq`` and
 ``wall_time`` (``frame_origin``), so readers here see the numbers the origin's readers see. The
 capture time on this machine's clock is derived from the wall time (``monotonic_from_wall``).
@@ -30,7 +30,7 @@ import numpy as np
 
 from .._errors import SourceError
 from ._base import GeometryChanged, Source, SourceRenumbered
-from ._zenoh_link import (
+from ..zenoh_link import (
     ResultRelay,
     VideoUnit,
     ZenohMissing,

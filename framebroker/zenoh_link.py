@@ -44,8 +44,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Set
 
-from .._errors import FrameBrokerError, FrameTimeout, ResultExpired
-from .._results import ResultReader, ResultWriter, models
+from ._errors import FrameBrokerError, FrameTimeout, ResultExpired
+from ._results import ResultReader, ResultWriter, models
 
 log = logging.getLogger("framebroker.zenoh")
 
